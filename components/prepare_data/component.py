@@ -1,0 +1,47 @@
+"""KFP component `prepare-data`: a thin shim over `e4srec.stages.prepare_data.run`."""
+
+# No `from __future__ import annotations`: KFP reads the real annotation objects.
+
+from kfp import dsl
+from kfp.dsl import Dataset, Metrics, Output
+
+from e4srec.images import CPU_IMAGE
+
+
+def prepare_data(
+    input_uri: str,
+    data: Output[Dataset],
+    metrics: Output[Metrics],
+    format: str = "auto",
+    user_col: str = "user_id",
+    item_col: str = "item_id",
+    time_col: str = "timestamp",
+    k_core: int = 0,
+    max_len: int = 50,
+    n_negatives: int = 99,
+    seed: int = 42,
+    tracking: bool = True,
+    experiment: str = "e4srec",
+    pipeline_run_id: str = "",
+    pipeline_run_name: str = "",
+):
+    """Ingest and validate raw interactions, split leave-one-out, sample 99 negatives per user."""
+    import json
+
+    from e4srec.stages import prepare_data as stage
+
+    config = stage.PrepareDataConfig(format=format, user_col=user_col, item_col=item_col, time_col=time_col,
+                                     k_core=k_core, max_len=max_len, n_negatives=n_negatives, seed=seed)
+    values = stage.run_tracked(config, input_uri, data.path, tracking=tracking, experiment=experiment,
+                               pipeline_run_id=pipeline_run_id, pipeline_run_name=pipeline_run_name)
+    manifest = json.loads(open(f"{data.path}/manifest.json").read())
+    data.metadata.update({k: manifest[k] for k in ("n_users", "n_items", "n_interactions", "item_map_sha256")})
+    for name, value in values.items():
+        metrics.log_metric(name, value)
+    with open(metrics.path, "w") as f:  # a file, so KFP's cache can find this output again
+        json.dump(values, f)
+
+
+def build(image: str = CPU_IMAGE) -> dsl.python_component.PythonComponent:
+    """The component running in `image` (which has e4srec and kfp installed)."""
+    return dsl.component(prepare_data, base_image=image, install_kfp_package=False)

@@ -1,0 +1,60 @@
+"""KFP component `pretrain-sasrec`: a thin shim over `e4srec.stages.pretrain_sasrec.run`."""
+
+# No `from __future__ import annotations`: KFP reads the real annotation objects.
+
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Metrics, Model, Output
+
+from e4srec.images import CPU_IMAGE
+
+
+def pretrain_sasrec(
+    data: Input[Dataset],
+    model: Output[Model],
+    metrics: Output[Metrics],
+    loss: str = "bce",
+    epochs: int = 200,
+    batch_size: int = 128,
+    lr: float = 1e-3,
+    weight_decay: float = 0.0,
+    dim: int = 64,
+    n_blocks: int = 2,
+    n_heads: int = 1,
+    dropout: float = 0.5,
+    eval_every: int = 1,
+    patience: int = 20,
+    eval_batch_size: int = 1024,
+    bucket_by_length: bool = True,
+    seed: int = 42,
+    device: str = "auto",
+    threads: int = 0,
+    tracking: bool = True,
+    experiment: str = "e4srec",
+    pipeline_run_id: str = "",
+    pipeline_run_name: str = "",
+):
+    """Train SASRec with early stopping; export weights, 64-d item embeddings and the item map."""
+    import json
+
+    from e4srec.stages import pretrain_sasrec as stage
+
+    config = stage.PretrainSasrecConfig(
+        loss=loss, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, dim=dim,
+        n_blocks=n_blocks, n_heads=n_heads, dropout=dropout, eval_every=eval_every, patience=patience,
+        eval_batch_size=eval_batch_size, bucket_by_length=bucket_by_length, seed=seed, device=device,
+        threads=threads,
+    )
+    values = stage.run_tracked(config, data.path, model.path, tracking=tracking, experiment=experiment,
+                               pipeline_run_id=pipeline_run_id, pipeline_run_name=pipeline_run_name,
+                               progress=True)
+    model.metadata.update({"item_map_sha256": data.metadata.get("item_map_sha256", ""), "framework": "pytorch",
+                           "kind": "sasrec", "loss": loss})
+    for name, value in values.items():
+        metrics.log_metric(name, value)
+    with open(metrics.path, "w") as f:  # a file, so KFP's cache can find this output again
+        json.dump(values, f)
+
+
+def build(image: str = CPU_IMAGE) -> dsl.python_component.PythonComponent:
+    """The component running in `image` (which has e4srec and kfp installed)."""
+    return dsl.component(pretrain_sasrec, base_image=image, install_kfp_package=False)

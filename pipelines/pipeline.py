@@ -1,0 +1,106 @@
+"""The E4SRec pipeline: one typed factory, and the thin entry points built on it (compile, local run).
+
+Stages so far: prepare-data -> pretrain-sasrec. Later stages (instruction-tune, train-e4srec, deploy)
+join here as they land.
+"""
+
+# No `from __future__ import annotations`: KFP reads the real annotation objects.
+
+import inspect
+import re
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from kfp import compiler, dsl
+
+from e4srec.images import CPU_IMAGE
+from e4srec_components.prepare_data import component as prepare_data_component
+from e4srec_components.pretrain_sasrec import component as pretrain_sasrec_component
+
+PIPELINE_NAME = "e4srec"
+
+
+def create_pipeline(*, image: str = CPU_IMAGE, name: str = PIPELINE_NAME) -> dsl.graph_component.GraphComponent:
+    """Build the pipeline with every component running in `image`.
+
+    Args:
+        image: container image with e4srec and kfp installed (the cluster profile names its registry).
+        name: pipeline name shown by Kubeflow and used to prefix local run folders.
+    """
+    prepare_data = prepare_data_component.build(image)
+    pretrain_sasrec = pretrain_sasrec_component.build(image)
+
+    class Outputs(NamedTuple):
+        data: dsl.Dataset
+        sasrec: dsl.Model
+
+    @dsl.pipeline(name=name, description="E4SRec: data preparation and SASRec pre-training, tracked in MLflow.")
+    def e4srec_pipeline(
+        input_uri: str,
+        input_format: str = "auto",
+        k_core: int = 0,
+        max_len: int = 50,
+        n_negatives: int = 99,
+        seed: int = 42,
+        sasrec_loss: str = "bce",
+        sasrec_epochs: int = 200,
+        sasrec_batch_size: int = 128,
+        sasrec_lr: float = 1e-3,
+        sasrec_dropout: float = 0.5,
+        sasrec_patience: int = 20,
+        device: str = "auto",
+        tracking: bool = True,
+        experiment: str = "e4srec",
+    ) -> Outputs:
+        """E4SRec pipeline.
+
+        Args:
+            input_uri: raw dataset: an S3-Rec text file or an interactions table (Parquet/CSV/TSV).
+            input_format: s3rec, interactions, or auto (by file suffix).
+            k_core: keep only users and items with at least k interactions (0: off).
+            max_len: histories are cut to their last max_len items everywhere.
+            n_negatives: sampled negatives per user for the sampled ranking protocol.
+            seed: seed for negative sampling and SASRec training.
+            sasrec_loss: bce (one sampled negative per position, the paper's) or ce (softmax over all items).
+            sasrec_epochs: maximum SASRec epochs; early stopping on validation NDCG@10 usually ends sooner.
+            sasrec_batch_size: users per SASRec training batch.
+            sasrec_lr: SASRec Adam learning rate.
+            sasrec_dropout: SASRec dropout rate.
+            sasrec_patience: evaluations without a better validation NDCG@10 before SASRec stops.
+            device: cpu, cuda, cuda:N or auto for the training stages.
+            tracking: log every stage to MLflow (one parent run, a nested run per stage).
+            experiment: MLflow experiment name.
+        """
+        run_ids = dict(pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, pipeline_run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER)
+        data = prepare_data(
+            input_uri=input_uri, format=input_format, k_core=k_core, max_len=max_len, n_negatives=n_negatives,
+            seed=seed, tracking=tracking, experiment=experiment, **run_ids,
+        ).set_display_name("prepare-data")
+        sasrec = pretrain_sasrec(
+            data=data.outputs["data"], loss=sasrec_loss, epochs=sasrec_epochs, batch_size=sasrec_batch_size,
+            lr=sasrec_lr, dropout=sasrec_dropout, patience=sasrec_patience, seed=seed, device=device,
+            tracking=tracking, experiment=experiment, **run_ids,
+        ).set_display_name("pretrain-sasrec")
+        return Outputs(data=data.outputs["data"], sasrec=sasrec.outputs["model"])
+
+    return e4srec_pipeline
+
+
+def compile_pipeline(output: Path | str = "pipeline.yaml", **factory_args: Any) -> Path:
+    """Compile `create_pipeline(**factory_args)` to KFP IR YAML at `output`."""
+    output = Path(output)
+    compiler.Compiler().compile(create_pipeline(**factory_args), str(output))
+    return output
+
+
+def pipeline_parameters() -> dict[str, tuple[type, Any, str]]:
+    """{name: (type, default, help)} of the pipeline's runtime parameters, read from its signature."""
+    func = create_pipeline().pipeline_func
+    doc = inspect.getdoc(func) or ""
+    helps = dict(re.findall(r"^\s{4}(\w+): (.+(?:\n\s{8}.+)*)", doc, flags=re.M))
+    out = {}
+    for name, p in inspect.signature(func).parameters.items():
+        default = None if p.default is inspect.Parameter.empty else p.default
+        out[name] = (p.annotation if isinstance(p.annotation, type) else eval(p.annotation), default,
+                     " ".join(helps.get(name, "").split()))
+    return out

@@ -1,0 +1,96 @@
+"""Typed stage configs: one dataclass per stage feeds the CLI, the KFP component and the saved JSON."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+from e4srec.errors import E4SRecError
+
+T = TypeVar("T")
+
+
+def option(default: Any, help: str, *, choices: tuple[Any, ...] | None = None) -> Any:
+    """A dataclass field with a default, a help text and optional choices (shown by `--help`)."""
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
+
+
+def _field_type(cls: type, f: dataclasses.Field) -> type:
+    hints = typing.get_type_hints(cls)
+    tp = hints[f.name]
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        tp = args[0]
+    if typing.get_origin(tp) in (list, tuple):
+        return typing.get_origin(tp)
+    return tp
+
+
+def check_choices(obj: Any) -> None:
+    """Raise E4SRecError for a field whose value is not among its declared choices."""
+    for f in dataclasses.fields(obj):
+        choices = f.metadata.get("choices")
+        value = getattr(obj, f.name)
+        if choices and value not in choices:
+            raise E4SRecError(
+                f"{type(obj).__name__}.{f.name}: {value!r} is not one of {', '.join(map(str, choices))}"
+            )
+
+
+def require(condition: bool, obj: Any, name: str, why: str) -> None:
+    """Raise a one-line E4SRecError naming the config field when `condition` is false."""
+    if not condition:
+        raise E4SRecError(f"{type(obj).__name__}.{name}={getattr(obj, name)!r}: {why}")
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """Add one `--kebab-name` option per dataclass field, with its default and help text."""
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        tp = _field_type(cls, f)
+        help_text = f"{f.metadata.get('help', '')} (default: {f.default})"
+        if tp is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
+        elif tp in (list, tuple):
+            parser.add_argument(flag, type=int, nargs="+", default=f.default, help=help_text)
+        else:
+            parser.add_argument(
+                flag, type=tp, default=f.default, choices=f.metadata.get("choices"), help=help_text
+            )
+
+
+def from_namespace(cls: type[T], ns: argparse.Namespace) -> T:
+    """Build the config from parsed arguments (the namespace never travels further than this)."""
+    kwargs = {f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)}
+    for f in dataclasses.fields(cls):
+        if _field_type(cls, f) is tuple and kwargs[f.name] is not None:
+            kwargs[f.name] = tuple(kwargs[f.name])
+    return cls(**kwargs)
+
+
+def from_dict(cls: type[T], values: dict[str, Any], source: str = "config") -> T:
+    """Build the config from a JSON object, rejecting unknown keys with the list of known ones."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise E4SRecError(f"{source}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    kwargs = dict(values)
+    for f in dataclasses.fields(cls):
+        if f.name in kwargs and _field_type(cls, f) is tuple and kwargs[f.name] is not None:
+            kwargs[f.name] = tuple(kwargs[f.name])
+    return cls(**kwargs)
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    """The config as a JSON-ready dict (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(obj)))
+
+
+def save(obj: Any, path: Path) -> None:
+    """Write the config as indented JSON beside the artifact it produced."""
+    path.write_text(json.dumps(to_dict(obj), indent=2, sort_keys=True) + "\n")

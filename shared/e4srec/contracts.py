@@ -1,0 +1,225 @@
+"""Artifact contracts: the files each stage writes and the checks every reader runs.
+
+prepare-data output (a folder):
+  sequences.parquet  user (int32, 0..U-1), user_id (string, original id), items (list<int32>:
+                     item indices 1..N in chronological order, the whole history, uncut)
+  item_map.parquet   item (int32, 1..N), item_id (string, original id). Index 0 is padding and has
+                     no row: every model reserves row 0 of its item tables for it.
+  negatives.parquet  user (int32), negatives (list<int32>, 99 items the user never touched, seeded)
+  manifest.json      counts, seed, max_len, input checksum and the item-map hash
+  metrics.json       flat dataset statistics
+
+Leave-one-out split (read from sequences.parquet, never stored twice):
+  train = items[:-2], valid target = items[-2], test target = items[-1]; every history a model sees
+  is cut to its last `max_len` items.
+
+Every later artifact records the item-map hash; a reader that sees another hash stops.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from e4srec.errors import E4SRecError
+
+FORMAT_VERSION = 1
+SEQUENCES = "sequences.parquet"
+ITEM_MAP = "item_map.parquet"
+NEGATIVES = "negatives.parquet"
+MANIFEST = "manifest.json"
+METRICS = "metrics.json"
+SPLITS = ("valid", "test")
+
+
+def item_map_hash(item_ids: Sequence[str]) -> str:
+    """SHA-256 of the item ids in index order (1..N): two artifacts agree on items iff this agrees."""
+    return hashlib.sha256(json.dumps(list(item_ids), separators=(",", ":")).encode()).hexdigest()
+
+
+def check_item_map_hash(found: str | None, expected: str, what: str, fix: str) -> None:
+    """Stop with one line when an artifact was built against another item map than the data's."""
+    if found != expected:
+        raise E4SRecError(
+            f"{what}: item-map hash {str(found)[:12]} differs from the data's {expected[:12]}; "
+            f"it was built from another prepare-data output ({fix})"
+        )
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file's bytes, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Indented, key-sorted JSON with a trailing newline (stable bytes for stable checksums)."""
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def read_json(path: Path) -> Any:
+    """Read a JSON file, naming the file in the error when it is missing or malformed."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise E4SRecError(f"{path}: file not found") from None
+    except json.JSONDecodeError as e:
+        raise E4SRecError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+
+
+def _read_table(path: Path, columns: list[str]) -> pa.Table:
+    if not path.exists():
+        raise E4SRecError(f"{path}: file not found; point --data at a prepare-data output folder")
+    try:
+        table = pq.read_table(path)
+    except pa.ArrowInvalid as e:
+        raise E4SRecError(f"{path}: not a readable Parquet file ({e}); re-run prepare-data") from None
+    missing = [c for c in columns if c not in table.column_names]
+    if missing:
+        raise E4SRecError(
+            f"{path}: missing column {', '.join(missing)} (has {', '.join(table.column_names)}); re-run prepare-data"
+        )
+    return table
+
+
+def _list_column(table: pa.Table, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """(offsets, values) of a list<int> column, without building one Python list per row."""
+    col = table.column(name).combine_chunks()
+    offsets = col.offsets.to_numpy().astype(np.int64)
+    values = col.values.to_numpy(zero_copy_only=False).astype(np.int64)
+    return offsets - offsets[0], values[offsets[0] : offsets[-1]]
+
+
+@dataclass
+class SequenceData:
+    """A validated prepare-data output: the one in-memory view every stage reads."""
+
+    root: Path
+    manifest: dict[str, Any]
+    user_ids: np.ndarray  # (U,) str
+    offsets: np.ndarray  # (U+1,) int64, CSR offsets into `values`
+    values: np.ndarray  # (total interactions,) int64 item indices 1..N
+    item_ids: np.ndarray  # (N+1,) str; item_ids[0] = "" is the padding slot
+    negatives: np.ndarray  # (U, n_negatives) int64
+
+    @property
+    def n_users(self) -> int:
+        return len(self.user_ids)
+
+    @property
+    def n_items(self) -> int:
+        return len(self.item_ids) - 1
+
+    @property
+    def max_len(self) -> int:
+        return int(self.manifest["max_len"])
+
+    @property
+    def item_map_sha256(self) -> str:
+        return str(self.manifest["item_map_sha256"])
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def sequence(self, user: int) -> np.ndarray:
+        """The whole chronological item-index sequence of one user."""
+        return self.values[self.offsets[user] : self.offsets[user + 1]]
+
+    def train_matrix(self) -> np.ndarray:
+        """(U, max_len+1) left-padded training sequences items[:-2], cut to their last max_len+1 items.
+
+        One extra column so that inputs = m[:, :-1] and next-item targets = m[:, 1:] are both max_len
+        wide, as SASRec trains.
+        """
+        return self._left_padded(end_offset=-2, width=self.max_len + 1)
+
+    def split(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """(histories (U, max_len) left-padded with 0, targets (U,)) for `valid` or `test`."""
+        if name not in SPLITS:
+            raise E4SRecError(f"split {name!r}: expected one of {', '.join(SPLITS)}")
+        drop = 2 if name == "valid" else 1
+        targets = self.values[self.offsets[1:] - drop]
+        return self._left_padded(end_offset=-drop, width=self.max_len), targets
+
+    def _left_padded(self, end_offset: int, width: int) -> np.ndarray:
+        ends = self.offsets[1:] + end_offset  # (U,) exclusive end of each user's kept prefix
+        starts = np.maximum(self.offsets[:-1], ends - width)
+        lengths = ends - starts
+        out = np.zeros((self.n_users, width), dtype=np.int64)
+        cols = width - lengths[:, None] + np.arange(width)[None, :]  # (U, width) column of each element
+        rows = np.broadcast_to(np.arange(self.n_users)[:, None], cols.shape)
+        src = starts[:, None] + np.arange(width)[None, :]
+        keep = np.arange(width)[None, :] < lengths[:, None]
+        out[rows[keep], cols[keep]] = self.values[src[keep]]
+        return out
+
+
+def load_sequence_data(root: Path | str) -> SequenceData:
+    """Read and validate a prepare-data output folder; every error names the file and row."""
+    root = Path(root)
+    if not root.is_dir():
+        raise E4SRecError(f"{root}: not a folder; point --data at a prepare-data output folder")
+    manifest = read_json(root / MANIFEST)
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise E4SRecError(
+            f"{root / MANIFEST}: format_version {manifest.get('format_version')!r}, this e4srec reads "
+            f"{FORMAT_VERSION}; re-run prepare-data"
+        )
+    for key in ("n_users", "n_items", "max_len", "item_map_sha256", "n_negatives"):
+        if key not in manifest:
+            raise E4SRecError(f"{root / MANIFEST}: missing field {key!r}; re-run prepare-data")
+
+    imap = _read_table(root / ITEM_MAP, ["item", "item_id"])
+    index = imap.column("item").to_numpy()
+    n_items = len(index)
+    if n_items != manifest["n_items"] or not np.array_equal(index, np.arange(1, n_items + 1)):
+        raise E4SRecError(
+            f"{root / ITEM_MAP}: item column must be 1..{manifest['n_items']} in order; re-run prepare-data"
+        )
+    item_ids = np.array([""] + imap.column("item_id").to_pylist(), dtype=object)
+    check_item_map_hash(
+        item_map_hash(item_ids[1:].tolist()), manifest["item_map_sha256"], str(root / ITEM_MAP),
+        "the manifest and the item map disagree; re-run prepare-data",
+    )
+
+    seqs = _read_table(root / SEQUENCES, ["user", "user_id", "items"])
+    users = seqs.column("user").to_numpy()
+    if not np.array_equal(users, np.arange(len(users))):
+        raise E4SRecError(f"{root / SEQUENCES}: user column must be 0..{len(users) - 1} in order; re-run prepare-data")
+    offsets, values = _list_column(seqs, "items")
+    user_ids = np.array(seqs.column("user_id").to_pylist(), dtype=object)
+    bad = np.flatnonzero((values < 1) | (values > n_items))
+    if len(bad):
+        row = int(np.searchsorted(offsets, bad[0], side="right") - 1)
+        raise E4SRecError(
+            f"{root / SEQUENCES} row {row} (user {user_ids[row]!r}): item index {values[bad[0]]} is out of "
+            f"range 1..{n_items}; the file does not match {ITEM_MAP}, re-run prepare-data"
+        )
+    short = np.flatnonzero(np.diff(offsets) < 3)
+    if len(short):
+        raise E4SRecError(
+            f"{root / SEQUENCES} row {short[0]}: {int(np.diff(offsets)[short[0]])} items, leave-one-out needs "
+            f"at least 3; re-run prepare-data"
+        )
+
+    neg_table = _read_table(root / NEGATIVES, ["user", "negatives"])
+    n_offsets, n_values = _list_column(neg_table, "negatives")
+    k = int(manifest["n_negatives"])
+    if len(neg_table) != len(users) or not np.all(np.diff(n_offsets) == k):
+        raise E4SRecError(f"{root / NEGATIVES}: expected {k} negatives for each of {len(users)} users; re-run prepare-data")
+    negatives = n_values.reshape(len(users), k)
+    if negatives.size and (negatives.min() < 1 or negatives.max() > n_items):
+        raise E4SRecError(f"{root / NEGATIVES}: negative item index out of range 1..{n_items}; re-run prepare-data")
+    return SequenceData(root, manifest, user_ids, offsets, values, item_ids, negatives)

@@ -1,0 +1,51 @@
+"""`e4srec run`: the whole pipeline on this machine through kfp.local, then where to look."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+from e4srec import contracts as c
+from e4srec.errors import E4SRecError
+
+
+def run_local(input_path: Path | str, pipeline_root: Path | str, params: dict[str, Any]) -> int:
+    """Run `create_pipeline()` with kfp.local's SubprocessRunner in this Python environment.
+
+    Every task runs as a subprocess of this interpreter (use_venv=False), so the installed e4srec is
+    the one the components import. MLflow runs go to MLFLOW_TRACKING_URI, else to ./mlflow.db, made
+    absolute here so that every task writes to the same file.
+    """
+    from kfp import local
+
+    from e4srec.evaluate import format_table
+    from e4srec_pipelines import create_pipeline
+
+    input_path = Path(input_path).resolve()
+    if not input_path.is_file():
+        raise E4SRecError(f"{input_path}: input file not found; pass --input")
+    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{Path.cwd() / 'mlflow.db'}")
+    root = Path(pipeline_root).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    # The project image's name has no "python" in it, which kfp.local takes as a sign of a
+    # non-Python image; here the tasks run in this very environment, so the warning does not apply.
+    warnings.filterwarnings("ignore", message="You may be attemping to run a task", category=RuntimeWarning)
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=False)
+    task = create_pipeline()(input_uri=str(input_path), **params)
+    outputs = task.outputs
+    sasrec = Path(outputs["sasrec"].path) if "sasrec" in outputs else None
+    if sasrec is None or not (sasrec / c.METRICS).is_file():
+        raise E4SRecError(f"the pipeline failed; the failing task's log is above (task outputs under {root})")
+    data = Path(outputs["data"].path)
+    print()
+    print(format_table({"SASRec": c.read_json(sasrec / c.METRICS)}))
+    print()
+    print(f"Pipeline outputs:  {sasrec.parent.parent}")
+    print(f"  prepared data:   {data}")
+    print(f"  SASRec model:    {sasrec}  (item_embeddings.safetensors, metrics.json, *.png)")
+    uri = os.environ["MLFLOW_TRACKING_URI"]
+    print(f"MLflow runs:       {uri}")
+    print(f"  open the UI:     mlflow ui --backend-store-uri {uri}   (then http://127.0.0.1:5000)")
+    return 0

@@ -1,0 +1,174 @@
+"""SASRec (Kang & McAuley, ICDM 2018): self-attentive sequential recommendation.
+
+Read top to bottom: blocks, config, model. The model follows the paper and its reference code:
+learned absolute positions, item embeddings scaled by sqrt(d), pre-norm blocks whose attention
+queries are normalised but keys and values are not, point-wise feed-forward, causal attention,
+shared item embeddings for input and output. Two losses: `bce` (one sampled negative per position,
+the paper's) and `ce` (softmax over all items, which ranks far better on sparse data).
+
+Sequences are left-padded with item 0, so the last column is always the most recent item. Batches
+may be trimmed to their longest sequence: positions count from the right end of the `max_len`
+window and padded keys are masked, so a trimmed batch gives exactly the outputs of a full-width one.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from e4srec.errors import E4SRecError
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head attention where position t sees positions <= t that are not padding."""
+
+    def __init__(self, dim: int, n_heads: int, dropout: float) -> None:
+        super().__init__()
+        self.n_heads = n_heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.out = nn.Linear(dim, dim)
+        self.dropout = dropout
+
+    def forward(self, query: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        B, T, D = query.shape
+        h = self.n_heads
+        q = self.q(query).view(B, T, h, D // h).transpose(1, 2)  # (B, h, T, D/h)
+        k, v = self.kv(keys).view(B, T, 2, h, D // h).permute(2, 0, 3, 1, 4)  # 2 x (B, h, T, D/h)
+        p = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (B, h, T, D/h)
+        return self.out(y.transpose(1, 2).reshape(B, T, D))  # (B, T, D)
+
+
+class FeedForward(nn.Module):
+    """Point-wise two-layer network (the paper's 1x1 convolutions), with its own residual."""
+
+    def __init__(self, dim: int, dropout: float) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(dim, dim), nn.Dropout(dropout), nn.ReLU(), nn.Linear(dim, dim), nn.Dropout(dropout)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.net(x)
+
+
+class Block(nn.Module):
+    """One SASRec block. Queries are normalised, keys/values are not, as in the reference code."""
+
+    def __init__(self, dim: int, n_heads: int, dropout: float) -> None:
+        super().__init__()
+        self.attn_norm = nn.LayerNorm(dim, eps=1e-8)
+        self.attn = CausalSelfAttention(dim, n_heads, dropout)  # dropout on the attention weights only
+        self.ffn_norm = nn.LayerNorm(dim, eps=1e-8)
+        self.ffn = FeedForward(dim, dropout)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        q = self.attn_norm(x)
+        x = q + self.attn(q, x, mask)
+        return self.ffn(self.ffn_norm(x)) * keep  # padding positions stay zero
+
+
+@dataclass
+class SASRecConfig:
+    """Architecture and objective; saved as `config.json` beside the weights."""
+
+    n_items: int  # N: real items are 1..N, index 0 is padding
+    dim: int = 64
+    n_blocks: int = 2
+    n_heads: int = 1
+    max_len: int = 50
+    dropout: float = 0.5
+    loss: str = "bce"
+
+    def __post_init__(self) -> None:
+        if self.n_items < 1:
+            raise E4SRecError(f"SASRecConfig.n_items={self.n_items}: need at least one item")
+        if self.dim % self.n_heads:
+            raise E4SRecError(f"SASRecConfig.dim={self.dim} is not divisible by n_heads={self.n_heads}")
+        if self.loss not in ("bce", "ce"):
+            raise E4SRecError(f"SASRecConfig.loss={self.loss!r}: expected 'bce' or 'ce'")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class SASRec(nn.Module):
+    """Causal transformer over item sequences; item embeddings double as the output layer."""
+
+    def __init__(self, config: SASRecConfig) -> None:
+        super().__init__()
+        self.config = config
+        d = config.dim
+        # Row 0 is padding: zero and never trained, so left padding contributes nothing.
+        self.item_emb = nn.Embedding(config.n_items + 1, d, padding_idx=0)
+        self.pos_emb = nn.Embedding(config.max_len, d)
+        self.emb_drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(d, config.n_heads, config.dropout) for _ in range(config.n_blocks))
+        self.final_norm = nn.LayerNorm(d, eps=1e-8)
+        self.apply(self._init)
+
+    @staticmethod
+    def _init(m: nn.Module) -> None:
+        # Xavier for every matrix, as the reference code does; it trains markedly better here than
+        # PyTorch's defaults (N(0, 1) embeddings swamp the positions).
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.xavier_normal_(m.weight)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+        if isinstance(m, nn.Embedding) and m.padding_idx is not None:
+            with torch.no_grad():
+                m.weight[m.padding_idx].zero_()
+
+    def forward(self, seqs: torch.Tensor) -> torch.Tensor:
+        """Hidden state after each position: seqs (B, T) left-padded, T <= max_len -> (B, T, d)."""
+        B, T = seqs.shape
+        if T > self.config.max_len:
+            raise E4SRecError(f"sequence width {T} exceeds max_len {self.config.max_len}; cut histories first")
+        keep = (seqs > 0).unsqueeze(-1)  # (B, T, 1)
+        positions = torch.arange(self.config.max_len - T, self.config.max_len, device=seqs.device)  # (T,)
+        x = self.item_emb(seqs) * math.sqrt(self.config.dim) + self.pos_emb(positions)  # (B, T, d)
+        x = self.emb_drop(x) * keep
+        causal = torch.ones(T, T, dtype=torch.bool, device=seqs.device).tril()  # (T, T)
+        # A padded query would see no key at all (NaN softmax): let every position see itself.
+        mask = (causal & keep.transpose(1, 2)) | torch.eye(T, dtype=torch.bool, device=seqs.device)  # (B, T, T)
+        mask = mask.unsqueeze(1)  # (B, 1, T, T), broadcast over heads
+        for block in self.blocks:
+            x = block(x, mask, keep)
+        return self.final_norm(x)  # (B, T, d)
+
+    def loss(self, inputs: torch.Tensor, targets: torch.Tensor, negatives: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean next-item loss over non-padding positions.
+
+        inputs, targets (B, T): targets[:, t] is the item after inputs[:, t], 0 where there is none.
+        negatives (B, T): one sampled item per position, required for `bce`, ignored by `ce`.
+        """
+        h = self.forward(inputs)  # (B, T, d)
+        valid = targets > 0  # (B, T)
+        if self.config.loss == "ce":
+            hv = h[valid]  # (M, d)
+            logits = hv @ self.item_emb.weight[1:].T  # (M, N): the padding item is never a class
+            return F.cross_entropy(logits, targets[valid] - 1)
+        if negatives is None:
+            raise ValueError("bce loss needs one negative item per position")
+        pos = (h * self.item_emb(targets)).sum(-1)[valid]  # (M,)
+        neg = (h * self.item_emb(negatives)).sum(-1)[valid]  # (M,)
+        return F.binary_cross_entropy_with_logits(pos, torch.ones_like(pos)) + F.binary_cross_entropy_with_logits(
+            neg, torch.zeros_like(neg)
+        )
+
+    @torch.no_grad()
+    def score_all_items(self, histories: torch.Tensor) -> torch.Tensor:
+        """Scores of every item for each left-padded history (B, T) -> (B, N+1); column 0 is -inf."""
+        last = self.forward(histories)[:, -1]  # (B, d): the most recent position
+        scores = last @ self.item_emb.weight.T  # (B, N+1)
+        scores[:, 0] = float("-inf")
+        return scores
+
+    def item_embeddings(self) -> torch.Tensor:
+        """The (N+1, d) item table, row 0 = padding (zeros): what E4SRec consumes."""
+        return self.item_emb.weight.detach().clone()

@@ -1,0 +1,276 @@
+"""Stage pretrain-sasrec: train SASRec on the leave-one-out split, export its item embeddings.
+
+Output folder:
+  model.safetensors            SASRec weights
+  config.json                  {"model": SASRecConfig, "train": PretrainSasrecConfig, item_map_sha256, ...}
+  item_embeddings.safetensors  tensor `item_embeddings` (N+1, dim), row 0 = padding (zeros); the
+                               header metadata carries item_map_sha256, n_items and dim
+  item_map.parquet             the data's item map, so the embeddings travel with their ids
+  metrics.json                 valid/* and test/* metrics of the best epoch, full and sampled
+  metrics_by_length.json       the same per history-length group
+  training_log.json            per-epoch loss, time and validation metrics
+  *.png                        training curves, test metrics by history length
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, safe_open, save_file
+from e4srec.progress import progress as progress_bar
+
+from e4srec import config as cfg
+from e4srec import contracts as c
+from e4srec.evaluate import evaluate
+from e4srec.errors import E4SRecError
+from e4srec.outputs import staged_output
+from e4srec.sasrec import SASRec, SASRecConfig
+from e4srec.tracking import Tracker, figure_to_artifact, stage_run
+
+STAGE = "pretrain-sasrec"
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+EMBEDDINGS = "item_embeddings.safetensors"
+EMBEDDINGS_KEY = "item_embeddings"
+EARLY_STOP_METRIC = "valid/full/NDCG@10"
+
+
+@dataclass
+class PretrainSasrecConfig:
+    """Settings of pretrain-sasrec (CLI flags, KFP parameters and config.json share them)."""
+
+    loss: str = cfg.option("bce", "bce: one sampled negative per position (the paper); ce: softmax over all items",
+                           choices=("bce", "ce"))
+    epochs: int = cfg.option(200, "maximum epochs (early stopping usually ends sooner)")
+    batch_size: int = cfg.option(128, "users per training batch")
+    lr: float = cfg.option(1e-3, "Adam learning rate")
+    weight_decay: float = cfg.option(0.0, "Adam L2 weight decay")
+    dim: int = cfg.option(64, "embedding and hidden size (E4SRec's projection expects 64)")
+    n_blocks: int = cfg.option(2, "transformer blocks")
+    n_heads: int = cfg.option(1, "attention heads")
+    dropout: float = cfg.option(0.5, "dropout rate (0.5 suits sparse Amazon data, 0.2 dense data)")
+    eval_every: int = cfg.option(1, "epochs between validation evaluations")
+    patience: int = cfg.option(20, "stop after this many evaluations without a better validation NDCG@10")
+    eval_batch_size: int = cfg.option(1024, "users per scoring batch")
+    bucket_by_length: bool = cfg.option(True, "batch users of similar length together (less padding, "
+                                              "same model); --no-bucket-by-length mixes lengths")
+    seed: int = cfg.option(42, "seed for initialisation, batching and negatives")
+    device: str = cfg.option("auto", "cpu, cuda, cuda:N or auto (cuda when available)")
+    threads: int = cfg.option(0, "CPU threads for torch (0: torch's default)")
+
+    def __post_init__(self) -> None:
+        cfg.check_choices(self)
+        for name in ("epochs", "batch_size", "dim", "n_blocks", "n_heads", "eval_every", "patience",
+                     "eval_batch_size"):
+            cfg.require(getattr(self, name) >= 1, self, name, "must be >= 1")
+        cfg.require(self.lr > 0, self, "lr", "must be > 0")
+        cfg.require(0 <= self.dropout < 1, self, "dropout", "must be in [0, 1)")
+        cfg.require(self.dim % self.n_heads == 0, self, "dim", f"must be divisible by n_heads={self.n_heads}")
+        cfg.require(self.threads >= 0, self, "threads", "must be >= 0")
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` -> cuda when available, else cpu; a cuda request without CUDA is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise E4SRecError(f"device={name!r}: this torch has no CUDA device; use --device cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise E4SRecError(f"device={name!r}: expected cpu, cuda, cuda:N or auto") from None
+
+
+class Batches:
+    """Training batches over the (U, L+1) left-padded matrix, trimmed to each batch's longest row."""
+
+    def __init__(self, matrix: np.ndarray, n_items: int, config: PretrainSasrecConfig, device: torch.device) -> None:
+        self.matrix = torch.as_tensor(matrix)
+        self.lengths = (self.matrix > 0).sum(1).numpy()
+        self.users = np.flatnonzero(self.lengths >= 2)  # need one input and one target
+        self.n_items = n_items
+        self.config = config
+        self.device = device
+        self.rng = np.random.default_rng(config.seed)
+        self.gen = torch.Generator(device=device).manual_seed(config.seed)
+
+    def __len__(self) -> int:
+        return -(-len(self.users) // self.config.batch_size)
+
+    def __iter__(self):  # noqa: ANN204 (yields tuples of tensors)
+        perm = self.rng.permutation(self.users)
+        if self.config.bucket_by_length:
+            # Sort a random permutation by length (stable): equal lengths stay shuffled, batches
+            # barely need padding, and the batch order is shuffled below.
+            perm = perm[np.argsort(self.lengths[perm], kind="stable")]
+        chunks = [perm[i : i + self.config.batch_size] for i in range(0, len(perm), self.config.batch_size)]
+        for j in self.rng.permutation(len(chunks)):
+            rows = chunks[j]
+            width = int(self.lengths[rows].max())
+            block = self.matrix[rows, -width:].to(self.device)  # (B, T+1)
+            inputs, targets = block[:, :-1], block[:, 1:]  # (B, T) each
+            negatives = self._negatives(block, targets.shape) if self.config.loss == "bce" else None
+            yield inputs, targets, negatives
+
+    def _negatives(self, block: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """One item per position that the user's training sequence does not contain (resampled)."""
+        seen = torch.zeros(block.shape[0], self.n_items + 1, dtype=torch.bool, device=self.device)
+        seen.scatter_(1, block, True)  # (B, N+1); column 0 gets set by padding, never drawn anyway
+        neg = torch.randint(1, self.n_items + 1, shape, generator=self.gen, device=self.device)
+        clash = seen.gather(1, neg)
+        while clash.any():
+            neg[clash] = torch.randint(1, self.n_items + 1, (int(clash.sum()),), generator=self.gen, device=self.device)
+            clash = seen.gather(1, neg)
+        return neg
+
+
+def train(config: PretrainSasrecConfig, data: c.SequenceData, tracker: Tracker | None = None,
+          progress: bool = True) -> tuple[SASRec, list[dict[str, Any]], int]:
+    """Train with early stopping on validation NDCG@10; return (best model, log, best epoch)."""
+    tracker = tracker or Tracker(None)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    device = resolve_device(config.device)
+    torch.manual_seed(config.seed)
+    model_config = SASRecConfig(n_items=data.n_items, dim=config.dim, n_blocks=config.n_blocks,
+                                n_heads=config.n_heads, max_len=data.max_len, dropout=config.dropout,
+                                loss=config.loss)
+    model = SASRec(model_config).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, betas=(0.9, 0.98),
+                                 weight_decay=config.weight_decay)
+    batches = Batches(data.train_matrix(), data.n_items, config, device)
+    log: list[dict[str, Any]] = []
+    best, best_epoch, best_state, waited = -1.0, 0, copy.deepcopy(model.state_dict()), 0
+    bar = progress_bar(range(1, config.epochs + 1), desc=STAGE, unit="epoch", disable=not progress, mininterval=5)
+    for epoch in bar:
+        model.train()
+        t0, total, count = time.perf_counter(), 0.0, 0
+        for inputs, targets, negatives in batches:
+            loss = model.loss(inputs, targets, negatives)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total, count = total + loss.item(), count + 1
+        row: dict[str, Any] = {"epoch": epoch, "train/loss": total / count,
+                               "train/seconds": time.perf_counter() - t0}
+        if epoch % config.eval_every == 0 or epoch == config.epochs:
+            model.eval()
+            result = evaluate(model.score_all_items, data, "valid", batch_size=config.eval_batch_size,
+                              device=device, progress=False)
+            row.update(result.metrics())
+            if row[EARLY_STOP_METRIC] > best:
+                best, best_epoch, best_state, waited = row[EARLY_STOP_METRIC], epoch, copy.deepcopy(model.state_dict()), 0
+            else:
+                waited += 1
+        log.append(row)
+        tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
+        bar.set_postfix(loss=f"{row['train/loss']:.4f}", ndcg10=f"{best:.4f}", best_epoch=best_epoch, refresh=False)
+        if waited >= config.patience:
+            break
+    model.load_state_dict(best_state)
+    model.eval()
+    return model, log, best_epoch
+
+
+def save_item_embeddings(path: Path, embeddings: torch.Tensor, item_map_sha256: str, source: str) -> None:
+    """(N+1, d) float32 table with the item-map hash in the safetensors header."""
+    save_file({EMBEDDINGS_KEY: embeddings.float().cpu().contiguous()}, str(path), metadata={
+        "item_map_sha256": item_map_sha256, "n_items": str(embeddings.shape[0] - 1),
+        "dim": str(embeddings.shape[1]), "source": source,
+    })
+
+
+def load_item_embeddings(path: Path | str, expected_item_map_sha256: str) -> torch.Tensor:
+    """Read an item-embedding table, refusing one built against another item map."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / EMBEDDINGS
+    if not path.is_file():
+        raise E4SRecError(f"{path}: embeddings file not found; point at a pretrain-sasrec output")
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+            table = f.get_tensor(EMBEDDINGS_KEY)
+    except Exception as e:  # safetensors raises its own error types
+        raise E4SRecError(f"{path}: not a readable safetensors embedding table ({e})") from None
+    c.check_item_map_hash(meta.get("item_map_sha256"), expected_item_map_sha256, str(path),
+                          "re-run pretrain-sasrec on this data")
+    return table
+
+
+def load_model(model_dir: Path | str, data: c.SequenceData | None = None) -> SASRec:
+    """Rebuild a trained SASRec; with `data`, check it was trained on the same item map."""
+    model_dir = Path(model_dir)
+    meta = c.read_json(model_dir / CONFIG)
+    if data is not None:
+        c.check_item_map_hash(meta.get("item_map_sha256"), data.item_map_sha256, str(model_dir / CONFIG),
+                              "evaluate it on the data it was trained on, or re-run pretrain-sasrec")
+        if meta["model"]["max_len"] != data.max_len:
+            raise E4SRecError(f"{model_dir / CONFIG}: max_len {meta['model']['max_len']} differs from the data's "
+                              f"{data.max_len}; re-run pretrain-sasrec on this data")
+    model = SASRec(SASRecConfig(**meta["model"]))
+    model.load_state_dict(load_file(str(model_dir / WEIGHTS)))
+    return model.eval()
+
+
+def run(config: PretrainSasrecConfig, data_dir: Path | str, output: Path | str, *, overwrite: bool = False,
+        tracker: Tracker | None = None, progress: bool = True) -> dict[str, float]:
+    """Train on `data_dir` (a prepare-data output), write the stage's artifacts to `output`."""
+    tracker = tracker or Tracker(None)
+    data = c.load_sequence_data(data_dir)
+    with staged_output(output, overwrite) as out:
+        tracker.log_params(cfg.to_dict(config))
+        tracker.log_params({"item_map_sha256": data.item_map_sha256, "max_len": data.max_len})
+        t0 = time.perf_counter()
+        model, log, best_epoch = train(config, data, tracker, progress)
+        device = next(model.parameters()).device
+        results = [evaluate(model.score_all_items, data, split, batch_size=config.eval_batch_size, device=device,
+                            progress=progress) for split in c.SPLITS]
+        metrics: dict[str, float] = {k: v for r in results for k, v in r.metrics().items()}
+        metrics |= {
+            "train/best_epoch": float(best_epoch),
+            "train/epochs": float(len(log)),
+            "train/seconds": time.perf_counter() - t0,
+            "train/seconds_per_epoch": float(np.mean([r["train/seconds"] for r in log])),
+        }
+        by_length = {r.split: r.by_length() for r in results}
+
+        model.cpu()
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / WEIGHTS))
+        c.write_json(out / CONFIG, {
+            "stage": STAGE, "model": model.config.to_dict(), "train": cfg.to_dict(config),
+            "item_map_sha256": data.item_map_sha256, "best_epoch": best_epoch,
+            "data": {k: data.manifest[k] for k in ("n_users", "n_items", "n_interactions", "input")},
+        })
+        save_item_embeddings(out / EMBEDDINGS, model.item_embeddings(), data.item_map_sha256, "sasrec")
+        shutil.copyfile(data.root / c.ITEM_MAP, out / c.ITEM_MAP)
+        c.write_json(out / c.METRICS, metrics)
+        c.write_json(out / "metrics_by_length.json", by_length)
+        (out / "training_log.json").write_text(json.dumps(log, indent=1) + "\n")
+
+        tracker.log_metrics(metrics)
+        from e4srec import plots  # matplotlib only where plots are made (GPU benches lack it)
+
+        figure_to_artifact(tracker, plots.training_curves(log, EARLY_STOP_METRIC), "training_curves.png", out)
+        figure_to_artifact(tracker, plots.metrics_by_length(by_length["test"], title="SASRec test"),
+                           "metrics_by_length.png", out)
+        for name in (CONFIG, c.METRICS, "metrics_by_length.json", "training_log.json"):
+            tracker.log_artifact(out / name)
+    return metrics
+
+
+def run_tracked(config: PretrainSasrecConfig, data_dir: Path | str, output: Path | str, *, overwrite: bool = False,
+                tracking: bool = True, experiment: str = "e4srec", pipeline_run_id: str = "",
+                pipeline_run_name: str = "", progress: bool = True) -> dict[str, float]:
+    """`run` inside the stage's MLflow run (nested under the pipeline run when ids are given)."""
+    with stage_run(STAGE, enabled=tracking, experiment=experiment, pipeline_run_id=pipeline_run_id,
+                   pipeline_run_name=pipeline_run_name) as tracker:
+        return run(config, data_dir, output, overwrite=overwrite, tracker=tracker, progress=progress)

@@ -1,0 +1,44 @@
+"""Shared fixtures: small slices of the reference data, prepared folders, an isolated MLflow."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from helpers import DATA, write_slice
+
+
+@pytest.fixture(autouse=True)
+def _isolated_mlflow(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test logs to a throwaway SQLite store, never to ./mlflow.db."""
+    if "MLFLOW_TRACKING_URI" not in os.environ or "pytest-" not in os.environ["MLFLOW_TRACKING_URI"]:
+        db = tmp_path_factory.getbasetemp() / "mlflow.db"
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+
+
+@pytest.fixture(scope="session")
+def beauty_slice(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """800 Beauty users: big enough to learn something, small enough for seconds."""
+    return write_slice(DATA / "Beauty.txt", tmp_path_factory.mktemp("raw") / "beauty_800.txt", 800)
+
+
+@pytest.fixture(scope="session")
+def prepared(beauty_slice: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """prepare-data output of the Beauty slice."""
+    from e4srec.stages import prepare_data
+
+    out = tmp_path_factory.mktemp("prepared") / "data"
+    prepare_data.run(prepare_data.PrepareDataConfig(), beauty_slice, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def sasrec_dir(prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A SASRec trained for a few epochs on the slice."""
+    from e4srec.stages import pretrain_sasrec
+
+    out = tmp_path_factory.mktemp("sasrec") / "model"
+    pretrain_sasrec.run(pretrain_sasrec.PretrainSasrecConfig(epochs=3, device="cpu"), prepared, out, progress=False)
+    return out

@@ -1,0 +1,39 @@
+"""One config per stage: the KFP component parameters and the pipeline defaults must match it."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+
+import pytest
+
+from e4srec.stages.prepare_data import PrepareDataConfig
+from e4srec.stages.pretrain_sasrec import PretrainSasrecConfig
+from e4srec_components.prepare_data.component import prepare_data
+from e4srec_components.pretrain_sasrec.component import pretrain_sasrec
+from e4srec_pipelines import pipeline_parameters
+
+TRACKING = {"tracking", "experiment", "pipeline_run_id", "pipeline_run_name"}
+
+
+@pytest.mark.parametrize(("func", "config", "artifacts"), [
+    (prepare_data, PrepareDataConfig, {"input_uri", "data", "metrics"}),
+    (pretrain_sasrec, PretrainSasrecConfig, {"data", "model", "metrics"}),
+])
+def test_component_parameters_are_the_config_fields(func, config, artifacts) -> None:  # noqa: ANN001
+    params = {n: p.default for n, p in inspect.signature(func).parameters.items() if n not in artifacts | TRACKING}
+    fields = {f.name: f.default for f in dataclasses.fields(config)}
+    assert params == fields
+
+
+def test_pipeline_defaults_match_the_stage_configs() -> None:
+    params = pipeline_parameters()
+    data, sasrec = PrepareDataConfig(), PretrainSasrecConfig()
+    assert params["input_format"][1] == data.format
+    for name in ("k_core", "max_len", "n_negatives", "seed"):
+        assert params[name][1] == getattr(data, name), name
+    assert params["seed"][1] == sasrec.seed
+    for name in ("loss", "epochs", "batch_size", "lr", "dropout", "patience"):
+        assert params[f"sasrec_{name}"][1] == getattr(sasrec, name), name
+    assert params["device"][1] == sasrec.device
+    assert all(help_text for _, _, help_text in params.values())  # every parameter is documented

@@ -1,0 +1,56 @@
+"""The pipeline: compiled YAML in sync, and a kfp.local run of both stages tracked in MLflow."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import yaml
+
+from helpers import REPO, e4srec
+from e4srec import contracts as c
+from e4srec_pipelines import compile_pipeline
+
+
+def test_committed_pipeline_yaml_is_in_sync(tmp_path: Path) -> None:
+    fresh = compile_pipeline(tmp_path / "pipeline.yaml")
+    assert fresh.read_text() == (REPO / "pipeline.yaml").read_text(), "run `e4srec compile` and commit pipeline.yaml"
+
+
+def test_compiled_pipeline_shape() -> None:
+    spec = yaml.safe_load((REPO / "pipeline.yaml").read_text())
+    tasks = spec["root"]["dag"]["tasks"]
+    assert set(tasks) == {"prepare-data", "pretrain-sasrec"}
+    assert tasks["pretrain-sasrec"]["dependentTasks"] == ["prepare-data"]
+    assert "input_uri" in spec["root"]["inputDefinitions"]["parameters"]
+    for executor in spec["deploymentSpec"]["executors"].values():
+        assert executor["container"]["image"].startswith("e4srec/e4srec-cpu:")
+        assert "pip install" not in " ".join(executor["container"]["command"])  # kfp and e4srec are in the image
+
+
+def test_local_run_of_the_pipeline(tmp_path: Path, beauty_slice: Path) -> None:
+    db = tmp_path / "mlflow.db"
+    result = e4srec(
+        "run", "--input", beauty_slice, "--pipeline-root", tmp_path / "runs", "--sasrec-epochs", "2",
+        "--sasrec-loss", "ce", cwd=tmp_path, env={"MLFLOW_TRACKING_URI": f"sqlite:///{db}"},
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "SASRec        test   full" in result.stdout and "mlflow ui --backend-store-uri" in result.stdout
+    (run_dir,) = (tmp_path / "runs").glob("e4srec-*")
+    data = c.load_sequence_data(run_dir / "prepare-data" / "data")
+    model = run_dir / "pretrain-sasrec" / "model"
+    assert c.read_json(model / "config.json")["item_map_sha256"] == data.item_map_sha256
+    assert c.read_json(model / c.METRICS)["train/epochs"] == 2
+
+    mlflow.set_tracking_uri(f"sqlite:///{db}")
+    runs = mlflow.search_runs(experiment_names=["e4srec"])
+    parents = runs[runs["tags.mlflow.parentRunId"].isna()]
+    assert len(parents) == 1 and parents.iloc[0]["tags.kfp.run_name"].startswith("e4srec-")
+    parent = parents.iloc[0]
+    children = runs[runs["tags.mlflow.parentRunId"] == parent["run_id"]]
+    assert sorted(children["tags.e4srec.stage"]) == ["prepare-data", "pretrain-sasrec"]
+    assert set(children["status"]) == {"FINISHED"} and parent["status"] == "FINISHED"
+    sasrec = children[children["tags.e4srec.stage"] == "pretrain-sasrec"].iloc[0]
+    assert sasrec["params.loss"] == "ce" and sasrec["params.epochs"] == "2"
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(sasrec["run_id"], "plots")}
+    assert artifacts == {"plots/training_curves.png", "plots/metrics_by_length.png"}

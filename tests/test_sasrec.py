@@ -1,0 +1,116 @@
+"""SASRec: causality, padding invariance, training, negatives, artifacts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from e4srec import contracts as c
+from e4srec.errors import E4SRecError
+from e4srec.sasrec import SASRec, SASRecConfig
+from e4srec.stages import pretrain_sasrec as stage
+
+
+def model(**kw: object) -> SASRec:
+    torch.manual_seed(0)
+    return SASRec(SASRecConfig(n_items=30, dim=16, max_len=8, dropout=0.0, **kw)).eval()
+
+
+def test_changing_a_later_item_leaves_earlier_outputs_unchanged() -> None:
+    m = model(n_heads=2)
+    seq = torch.tensor([[0, 0, 3, 7, 1, 9, 4, 2]])
+    base = m(seq)
+    for t in range(2, 7):
+        changed = seq.clone()
+        changed[0, t + 1] = 25
+        out = m(changed)
+        torch.testing.assert_close(out[0, : t + 1], base[0, : t + 1])
+        assert not torch.allclose(out[0, t + 1], base[0, t + 1])
+
+
+def test_trimmed_batch_equals_full_width_and_padding_is_inert() -> None:
+    m = model()
+    full = torch.tensor([[0, 0, 0, 0, 0, 5, 6, 7], [0, 0, 0, 1, 2, 3, 4, 5]])
+    trimmed = full[:, -5:]
+    torch.testing.assert_close(m(full)[:, -5:], m(trimmed))
+    torch.testing.assert_close(m.score_all_items(full), m.score_all_items(trimmed))
+    assert torch.isfinite(m(full)).all()  # fully padded queries must not produce NaN
+    assert torch.isneginf(m.score_all_items(full)[:, 0]).all()  # padding is never predicted
+
+
+@pytest.mark.parametrize("loss", ["bce", "ce"])
+def test_loss_falls_on_a_learnable_pattern(loss: str) -> None:
+    torch.manual_seed(0)
+    m = SASRec(SASRecConfig(n_items=30, dim=16, max_len=8, dropout=0.0, loss=loss))
+    seqs = torch.stack([torch.arange(s, s + 8) % 30 + 1 for s in range(20)])  # item i is followed by i+1
+    inputs, targets = seqs[:, :-1], seqs[:, 1:]
+    opt = torch.optim.Adam(m.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(60):
+        neg = torch.randint(1, 31, targets.shape)
+        value = m.loss(inputs, targets, neg if loss == "bce" else None)
+        opt.zero_grad()
+        value.backward()
+        opt.step()
+        losses.append(value.item())
+    assert losses[-1] < 0.5 * losses[0]
+    top = m.eval().score_all_items(torch.tensor([[3, 4, 5, 6]])).argmax(1)
+    assert top.item() == 7
+
+
+def test_bce_negatives_are_never_items_of_the_users_sequence(prepared: Path) -> None:
+    data = c.load_sequence_data(prepared)
+    config = stage.PretrainSasrecConfig(batch_size=64, device="cpu")
+    batches = stage.Batches(data.train_matrix(), data.n_items, config, torch.device("cpu"))
+    matrix = torch.as_tensor(data.train_matrix())
+    seen_users = 0
+    for inputs, targets, negatives in batches:
+        assert inputs.shape == targets.shape == negatives.shape
+        assert torch.equal(inputs[:, 1:], targets[:, :-1])  # targets are the next items
+        for row_in, row_neg in zip(inputs, negatives):
+            user = int(np.flatnonzero((matrix[:, -inputs.shape[1] - 1 : -1] == row_in).all(1))[0])
+            assert not set(row_neg.tolist()) & set(matrix[user].tolist())
+        seen_users += len(inputs)
+    assert seen_users == len(batches.users) == data.n_users
+
+
+def test_stage_artifacts_and_reload(prepared: Path, sasrec_dir: Path) -> None:
+    data = c.load_sequence_data(prepared)
+    meta = c.read_json(sasrec_dir / stage.CONFIG)
+    assert meta["item_map_sha256"] == data.item_map_sha256
+    with safe_open(str(sasrec_dir / stage.EMBEDDINGS), "pt") as f:
+        assert f.metadata()["item_map_sha256"] == data.item_map_sha256
+    emb = stage.load_item_embeddings(sasrec_dir, data.item_map_sha256)
+    assert emb.shape == (data.n_items + 1, 64)
+    assert torch.count_nonzero(emb[0]) == 0  # row 0 is padding
+    assert (sasrec_dir / c.ITEM_MAP).read_bytes() == (prepared / c.ITEM_MAP).read_bytes()
+    m = stage.load_model(sasrec_dir, data)
+    torch.testing.assert_close(m.item_embeddings(), emb)
+    metrics = c.read_json(sasrec_dir / c.METRICS)
+    assert {"test/full/HR@10", "valid/sampled/NDCG@10", "train/best_epoch"} <= set(metrics)
+    for png in ("training_curves.png", "metrics_by_length.png"):
+        assert (sasrec_dir / png).stat().st_size > 1000
+    with pytest.raises(E4SRecError, match="item-map hash"):
+        stage.load_item_embeddings(sasrec_dir, "0" * 64)
+
+
+def test_training_is_seeded(prepared: Path) -> None:
+    data = c.load_sequence_data(prepared)
+    config = stage.PretrainSasrecConfig(epochs=2, device="cpu")
+    a, log_a, _ = stage.train(config, data, progress=False)
+    b, log_b, _ = stage.train(config, data, progress=False)
+    assert log_a[-1]["train/loss"] == log_b[-1]["train/loss"]
+    torch.testing.assert_close(a.item_embeddings(), b.item_embeddings())
+
+
+def test_early_stopping_keeps_the_best_epoch(prepared: Path) -> None:
+    data = c.load_sequence_data(prepared)
+    config = stage.PretrainSasrecConfig(epochs=6, patience=1, lr=0.05, device="cpu")
+    m, log, best_epoch = stage.train(config, data, progress=False)
+    scores = [r["valid/full/NDCG@10"] for r in log]
+    assert best_epoch == 1 + int(np.argmax(scores))
+    assert len(log) == 6 or scores[-1] <= max(scores[:-1])

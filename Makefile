@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.installed
 TORCH_SPEC  ?= torch==2.13.0+cpu
 TORCH_INDEX ?=
 # Where `make run` reads its data and how long SASRec may train (one CPU epoch on Beauty is ~4 s).
-RUN_ARGS ?= --input data/Beauty.txt --sasrec-epochs 30
+RUN_ARGS ?= --input data/Beauty.txt --sasrec-epochs 50
 
 .PHONY: setup run test compile bench clean
 

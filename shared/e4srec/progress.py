@@ -32,6 +32,8 @@ def progress(iterable: Iterable[T], *, desc: str, unit: str = "it", disable: boo
     """tqdm on a terminal; timed log lines elsewhere."""
     if sys.stderr.isatty():
         return tqdm(iterable, desc=desc, unit=unit, disable=disable, **kwargs)
+    # tqdm's monitor thread redraws stalled bars with a stale count; log lines need no redraws.
+    tqdm.monitor_interval = 0
     kwargs["mininterval"] = max(kwargs.get("mininterval", 0), 15)
     kwargs["leave"] = True
     return tqdm(iterable, desc=desc, unit=unit, disable=disable, file=_LineWriter(), ascii=True, **kwargs)

@@ -26,20 +26,17 @@ def prepare_data(
     pipeline_run_name: str = "",
 ):
     """Ingest and validate raw interactions, split leave-one-out, sample 99 negatives per user."""
-    import json
-
+    from e4srec import contracts
+    from e4srec.kfp_artifacts import publish_metrics
     from e4srec.stages import prepare_data as stage
 
     config = stage.PrepareDataConfig(format=format, user_col=user_col, item_col=item_col, time_col=time_col,
                                      k_core=k_core, max_len=max_len, n_negatives=n_negatives, seed=seed)
     values = stage.run_tracked(config, input_uri, data.path, tracking=tracking, experiment=experiment,
                                pipeline_run_id=pipeline_run_id, pipeline_run_name=pipeline_run_name)
-    manifest = json.loads(open(f"{data.path}/manifest.json").read())
+    manifest = contracts.read_json(f"{data.path}/{contracts.MANIFEST}")
     data.metadata.update({k: manifest[k] for k in ("n_users", "n_items", "n_interactions", "item_map_sha256")})
-    for name, value in values.items():
-        metrics.log_metric(name, value)
-    with open(metrics.path, "w") as f:  # a file, so KFP's cache can find this output again
-        json.dump(values, f)
+    publish_metrics(metrics, values)
 
 
 def build(image: str = CPU_IMAGE) -> dsl.python_component.PythonComponent:

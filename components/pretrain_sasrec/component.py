@@ -34,8 +34,8 @@ def pretrain_sasrec(
     pipeline_run_name: str = "",
 ):
     """Train SASRec with early stopping; export weights, 64-d item embeddings and the item map."""
-    import json
-
+    from e4srec import contracts
+    from e4srec.kfp_artifacts import publish_metrics
     from e4srec.stages import pretrain_sasrec as stage
 
     config = stage.PretrainSasrecConfig(
@@ -47,12 +47,10 @@ def pretrain_sasrec(
     values = stage.run_tracked(config, data.path, model.path, tracking=tracking, experiment=experiment,
                                pipeline_run_id=pipeline_run_id, pipeline_run_name=pipeline_run_name,
                                progress=True)
-    model.metadata.update({"item_map_sha256": data.metadata.get("item_map_sha256", ""), "framework": "pytorch",
-                           "kind": "sasrec", "loss": loss})
-    for name, value in values.items():
-        metrics.log_metric(name, value)
-    with open(metrics.path, "w") as f:  # a file, so KFP's cache can find this output again
-        json.dump(values, f)
+    saved = contracts.read_json(f"{model.path}/{stage.CONFIG}")
+    model.metadata.update({"item_map_sha256": saved["item_map_sha256"], "best_epoch": saved["best_epoch"],
+                           "framework": "pytorch", "kind": "sasrec", "loss": loss})
+    publish_metrics(metrics, values)
 
 
 def build(image: str = CPU_IMAGE) -> dsl.python_component.PythonComponent:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -46,6 +48,8 @@ def run_local(input_path: Path | str, pipeline_root: Path | str, params: dict[st
     print(f"  prepared data:   {data}")
     print(f"  SASRec model:    {sasrec}  (item_embeddings.safetensors, metrics.json, *.png)")
     uri = os.environ["MLFLOW_TRACKING_URI"]
-    print(f"MLflow runs:       {uri}")
-    print(f"  open the UI:     mlflow ui --backend-store-uri {uri}   (then http://127.0.0.1:5000)")
+    beside = Path(sys.executable).parent / "mlflow"  # the venv's mlflow, when .venv is not activated
+    mlflow_cmd = str(beside) if beside.exists() and not shutil.which("mlflow") else "mlflow"
+    print(f"MLflow runs:       {uri}  (experiment {params.get('experiment', 'e4srec')!r})")
+    print(f"  open the UI:     {mlflow_cmd} ui --backend-store-uri {uri}   (then http://127.0.0.1:5000)")
     return 0

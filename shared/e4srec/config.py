@@ -7,7 +7,6 @@ import dataclasses
 import json
 import types
 import typing
-from pathlib import Path
 from typing import Any, TypeVar
 
 from e4srec.errors import E4SRecError
@@ -73,24 +72,6 @@ def from_namespace(cls: type[T], ns: argparse.Namespace) -> T:
     return cls(**kwargs)
 
 
-def from_dict(cls: type[T], values: dict[str, Any], source: str = "config") -> T:
-    """Build the config from a JSON object, rejecting unknown keys with the list of known ones."""
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise E4SRecError(f"{source}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    kwargs = dict(values)
-    for f in dataclasses.fields(cls):
-        if f.name in kwargs and _field_type(cls, f) is tuple and kwargs[f.name] is not None:
-            kwargs[f.name] = tuple(kwargs[f.name])
-    return cls(**kwargs)
-
-
 def to_dict(obj: Any) -> dict[str, Any]:
     """The config as a JSON-ready dict (tuples become lists)."""
     return json.loads(json.dumps(dataclasses.asdict(obj)))
-
-
-def save(obj: Any, path: Path) -> None:
-    """Write the config as indented JSON beside the artifact it produced."""
-    path.write_text(json.dumps(to_dict(obj), indent=2, sort_keys=True) + "\n")

@@ -11,7 +11,6 @@ metrics.json keeps the '@'.
 
 from __future__ import annotations
 
-import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -154,8 +153,3 @@ def figure_to_artifact(tracker: Tracker, fig: Any, name: str, out_dir: Path | No
             fig.savefig(path, dpi=110, bbox_inches="tight")
             tracker.log_artifact(path, "plots")
     plt.close(fig)
-
-
-def tracking_uri() -> str:
-    """The URI runs go to, for messages ('where to look')."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"

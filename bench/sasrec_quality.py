@@ -20,9 +20,8 @@ import time
 from pathlib import Path
 
 import torch
-
-from e4srec import contracts as c
 from e4srec import config as cfg
+from e4srec import contracts as c
 from e4srec.evaluate import evaluate
 from e4srec.stages import prepare_data, pretrain_sasrec
 

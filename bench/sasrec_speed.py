@@ -23,11 +23,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
-
 from e4srec import contracts as c
 from e4srec.sasrec import SASRec, SASRecConfig
 from e4srec.stages import prepare_data, pretrain_sasrec
+from torch import nn
 
 
 class PlainSASRec(nn.Module):

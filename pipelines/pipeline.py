@@ -11,11 +11,11 @@ import re
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from kfp import compiler, dsl
-
 from e4srec.images import CPU_IMAGE
+from e4srec_components.instruction_tune import component as instruction_tune_component
 from e4srec_components.prepare_data import component as prepare_data_component
 from e4srec_components.pretrain_sasrec import component as pretrain_sasrec_component
+from kfp import compiler, dsl
 
 PIPELINE_NAME = "e4srec"
 
@@ -29,14 +29,18 @@ def create_pipeline(*, image: str = CPU_IMAGE, name: str = PIPELINE_NAME) -> dsl
     """
     prepare_data = prepare_data_component.build(image)
     pretrain_sasrec = pretrain_sasrec_component.build(image)
+    instruction_tune = instruction_tune_component.build(image)
 
     class Outputs(NamedTuple):
         data: dsl.Dataset
         sasrec: dsl.Model
+        backbone_uri: str
 
-    @dsl.pipeline(name=name, description="E4SRec: data preparation and SASRec pre-training, tracked in MLflow.")
+    @dsl.pipeline(name=name, description="E4SRec: data preparation, SASRec pre-training and instruction tuning, "
+                                         "tracked in MLflow.")
     def e4srec_pipeline(
         input_uri: str,
+        instructions_uri: str = "",
         input_format: str = "auto",
         k_core: int = 0,
         max_len: int = 50,
@@ -48,6 +52,14 @@ def create_pipeline(*, image: str = CPU_IMAGE, name: str = PIPELINE_NAME) -> dsl
         sasrec_lr: float = 1e-3,
         sasrec_dropout: float = 0.5,
         sasrec_patience: int = 20,
+        backbone: str = "smollm2-135m",
+        backbone_dtype: str = "auto",
+        quantization: str = "none",
+        instruction_tune_backbone: bool = False,
+        instruct_max_examples: int = 0,
+        instruct_epochs: int = 1,
+        instruct_batch_size: int = 8,
+        instruct_lr: float = 2e-4,
         device: str = "auto",
         tracking: bool = True,
         experiment: str = "e4srec",
@@ -67,6 +79,16 @@ def create_pipeline(*, image: str = CPU_IMAGE, name: str = PIPELINE_NAME) -> dsl
             sasrec_lr: SASRec Adam learning rate.
             sasrec_dropout: SASRec dropout rate.
             sasrec_patience: evaluations without a better validation NDCG@10 before SASRec stops.
+            instructions_uri: Alpaca-format instruction data (JSON, JSONL or Parquet) for instruction-tune.
+            backbone: LLM spec: smollm2-135m, tiny, gguf:PATH or hf:FOLDER_OR_HUB_ID.
+            backbone_dtype: auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16.
+            quantization: none, 8bit or nf4 (bitsandbytes) for the LLM stages.
+            instruction_tune_backbone: run LoRA instruction tuning; off passes the base through (right for
+                an already instruction-tuned base such as SmolLM2-Instruct).
+            instruct_max_examples: train instruction-tune on the first N examples only (0: all).
+            instruct_epochs: instruction-tune passes over the training examples.
+            instruct_batch_size: instruction-tune examples per batch.
+            instruct_lr: instruction-tune peak learning rate.
             device: cpu, cuda, cuda:N or auto for the training stages.
             tracking: log every stage to MLflow (one parent run, a nested run per stage).
             experiment: MLflow experiment name.
@@ -81,7 +103,18 @@ def create_pipeline(*, image: str = CPU_IMAGE, name: str = PIPELINE_NAME) -> dsl
             lr=sasrec_lr, dropout=sasrec_dropout, patience=sasrec_patience, seed=seed, device=device,
             tracking=tracking, experiment=experiment, **run_ids,
         ).set_display_name("pretrain-sasrec")
-        return Outputs(data=data.outputs["data"], sasrec=sasrec.outputs["model"])
+        llm = dict(backbone_spec=backbone, dtype=backbone_dtype, quantization=quantization, seed=seed,
+                   device=device, tracking=tracking, experiment=experiment, **run_ids)
+        with dsl.If(instruction_tune_backbone == True):  # noqa: E712 (a KFP condition, not a Python test)
+            tuned = instruction_tune(
+                instructions_uri=instructions_uri, max_examples=instruct_max_examples, epochs=instruct_epochs,
+                batch_size=instruct_batch_size, lr=instruct_lr, **llm,
+            ).set_display_name("instruction-tune")
+        with dsl.Else():
+            base = instruction_tune(instructions_uri=instructions_uri, skip=True, **llm).set_display_name(
+                "instruction-tune (skipped)")
+        return Outputs(data=data.outputs["data"], sasrec=sasrec.outputs["model"],
+                       backbone_uri=dsl.OneOf(tuned.outputs["Output"], base.outputs["Output"]))
 
     return e4srec_pipeline
 

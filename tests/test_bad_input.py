@@ -7,9 +7,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
-from helpers import DATA, e4srec, write_slice
 from e4srec import contracts as c
+from helpers import DATA, e4srec, write_slice
 
 
 def assert_clean_failure(result, output: Path, *needles: str) -> None:

@@ -6,9 +6,8 @@ from pathlib import Path
 
 import mlflow
 import pytest
-
-from helpers import e4srec
 from e4srec import contracts as c
+from helpers import e4srec
 
 
 @pytest.mark.parametrize(

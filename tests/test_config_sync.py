@@ -6,9 +6,10 @@ import dataclasses
 import inspect
 
 import pytest
-
+from e4srec.stages.instruction_tune import InstructionTuneConfig
 from e4srec.stages.prepare_data import PrepareDataConfig
 from e4srec.stages.pretrain_sasrec import PretrainSasrecConfig
+from e4srec_components.instruction_tune.component import instruction_tune
 from e4srec_components.prepare_data.component import prepare_data
 from e4srec_components.pretrain_sasrec.component import pretrain_sasrec
 from e4srec_pipelines import pipeline_parameters
@@ -19,9 +20,12 @@ TRACKING = {"tracking", "experiment", "pipeline_run_id", "pipeline_run_name"}
 @pytest.mark.parametrize(("func", "config", "artifacts"), [
     (prepare_data, PrepareDataConfig, {"input_uri", "data", "metrics"}),
     (pretrain_sasrec, PretrainSasrecConfig, {"data", "model", "metrics"}),
+    (instruction_tune, InstructionTuneConfig, {"instructions_uri", "backbone", "metrics"}),
 ])
 def test_component_parameters_are_the_config_fields(func, config, artifacts) -> None:  # noqa: ANN001
-    params = {n: p.default for n, p in inspect.signature(func).parameters.items() if n not in artifacts | TRACKING}
+    renamed = {"backbone_spec": "backbone"}  # `backbone` is the component's output artifact
+    params = {renamed.get(n, n): p.default for n, p in inspect.signature(func).parameters.items()
+              if n not in artifacts | TRACKING}
     fields = {f.name: f.default for f in dataclasses.fields(config)}
     assert params == fields
 
@@ -36,4 +40,9 @@ def test_pipeline_defaults_match_the_stage_configs() -> None:
     for name in ("loss", "epochs", "batch_size", "lr", "dropout", "patience"):
         assert params[f"sasrec_{name}"][1] == getattr(sasrec, name), name
     assert params["device"][1] == sasrec.device
+    tune = InstructionTuneConfig()
+    assert (params["backbone"][1], params["backbone_dtype"][1], params["quantization"][1]) == (
+        tune.backbone, tune.dtype, tune.quantization)
+    for name in ("max_examples", "epochs", "batch_size", "lr"):
+        assert params[f"instruct_{name}"][1] == getattr(tune, name), name
     assert all(help_text for _, _, help_text in params.values())  # every parameter is documented

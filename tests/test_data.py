@@ -7,11 +7,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-
-from helpers import DATA
 from e4srec import contracts as c
 from e4srec import data as d
 from e4srec.stages import prepare_data
+from helpers import DATA
 
 
 def test_beauty_counts_match_the_paper(tmp_path: Path) -> None:

@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from e4srec import contracts as c
 from e4srec.evaluate import evaluate, full_ranks, metrics_from_ranks, sampled_ranks
 

@@ -6,10 +6,9 @@ from pathlib import Path
 
 import mlflow
 import yaml
-
-from helpers import REPO, e4srec
 from e4srec import contracts as c
 from e4srec_pipelines import compile_pipeline
+from helpers import DATA, REPO, e4srec
 
 
 def test_committed_pipeline_yaml_is_in_sync(tmp_path: Path) -> None:
@@ -20,9 +19,14 @@ def test_committed_pipeline_yaml_is_in_sync(tmp_path: Path) -> None:
 def test_compiled_pipeline_shape() -> None:
     spec = yaml.safe_load((REPO / "pipeline.yaml").read_text())
     tasks = spec["root"]["dag"]["tasks"]
-    assert set(tasks) == {"prepare-data", "pretrain-sasrec"}
+    assert {"prepare-data", "pretrain-sasrec", "condition-branches-1"} <= set(tasks)
     assert tasks["pretrain-sasrec"]["dependentTasks"] == ["prepare-data"]
-    assert "input_uri" in spec["root"]["inputDefinitions"]["parameters"]
+    assert {"input_uri", "instructions_uri", "backbone"} <= set(spec["root"]["inputDefinitions"]["parameters"])
+    # instruction-tune runs under dsl.If / dsl.Else on the pipeline parameter, its URI chosen by dsl.OneOf
+    branches = spec["components"]["comp-condition-branches-1"]["dag"]["tasks"]
+    conditions = {t["triggerPolicy"]["condition"] for t in branches.values()}
+    assert any("instruction_tune_backbone" in cond for cond in conditions), conditions
+    assert "backbone_uri" in spec["root"]["outputDefinitions"]["parameters"]
     for executor in spec["deploymentSpec"]["executors"].values():
         assert executor["container"]["image"].startswith("e4srec/e4srec-cpu:")
         assert "pip install" not in " ".join(executor["container"]["command"])  # kfp and e4srec are in the image
@@ -32,7 +36,9 @@ def test_local_run_of_the_pipeline(tmp_path: Path, beauty_slice: Path) -> None:
     db = tmp_path / "mlflow.db"
     result = e4srec(
         "run", "--input", beauty_slice, "--pipeline-root", tmp_path / "runs", "--sasrec-epochs", "2",
-        "--sasrec-loss", "ce", cwd=tmp_path, env={"MLFLOW_TRACKING_URI": f"sqlite:///{db}"},
+        "--sasrec-loss", "ce", "--instructions", DATA / "instructions.json", "--backbone", "tiny",
+        "--instruction-tune-backbone", "--instruct-max-examples", "8",
+        cwd=tmp_path, env={"MLFLOW_TRACKING_URI": f"sqlite:///{db}"},
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "SASRec        test   full" in result.stdout and "mlflow ui --backend-store-uri" in result.stdout
@@ -41,6 +47,9 @@ def test_local_run_of_the_pipeline(tmp_path: Path, beauty_slice: Path) -> None:
     model = run_dir / "pretrain-sasrec" / "model"
     assert c.read_json(model / "config.json")["item_map_sha256"] == data.item_map_sha256
     assert c.read_json(model / c.METRICS)["train/epochs"] == 2
+    backbone = c.read_json(run_dir / "instruction-tune" / "backbone" / "backbone.json")
+    assert backbone["backbone"] == "tiny" and backbone["adapter"] == "adapter"
+    assert f"LLM backbone:    {run_dir / 'instruction-tune' / 'backbone'}" in result.stdout
 
     mlflow.set_tracking_uri(f"sqlite:///{db}")
     runs = mlflow.search_runs(experiment_names=["e4srec"])
@@ -48,9 +57,19 @@ def test_local_run_of_the_pipeline(tmp_path: Path, beauty_slice: Path) -> None:
     assert len(parents) == 1 and parents.iloc[0]["tags.kfp.run_name"].startswith("e4srec-")
     parent = parents.iloc[0]
     children = runs[runs["tags.mlflow.parentRunId"] == parent["run_id"]]
-    assert sorted(children["tags.e4srec.stage"]) == ["prepare-data", "pretrain-sasrec"]
+    assert sorted(children["tags.e4srec.stage"]) == ["instruction-tune", "prepare-data", "pretrain-sasrec"]
     assert set(children["status"]) == {"FINISHED"} and parent["status"] == "FINISHED"
     sasrec = children[children["tags.e4srec.stage"] == "pretrain-sasrec"].iloc[0]
     assert sasrec["params.loss"] == "ce" and sasrec["params.epochs"] == "2"
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(sasrec["run_id"], "plots")}
     assert artifacts == {"plots/training_curves.png", "plots/metrics_by_length.png"}
+
+
+def test_local_run_skipping_instruction_tune(tmp_path: Path, beauty_slice: Path) -> None:
+    result = e4srec("run", "--input", beauty_slice, "--pipeline-root", tmp_path / "runs", "--sasrec-epochs", "1",
+                    "--backbone", "tiny", "--no-tracking", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (run_dir,) = (tmp_path / "runs").glob("e4srec-*")
+    (descriptor,) = run_dir.glob("instruction-tune*/backbone/backbone.json")
+    assert c.read_json(descriptor)["skipped"] is True
+    assert not (tmp_path / "mlflow.db").exists()  # --no-tracking

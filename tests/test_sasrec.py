@@ -7,12 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors import safe_open
-
 from e4srec import contracts as c
 from e4srec.errors import E4SRecError
 from e4srec.sasrec import SASRec, SASRecConfig
 from e4srec.stages import pretrain_sasrec as stage
+from safetensors import safe_open
 
 
 def model(**kw: object) -> SASRec:

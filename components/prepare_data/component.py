@@ -2,10 +2,9 @@
 
 # No `from __future__ import annotations`: KFP reads the real annotation objects.
 
+from e4srec.images import CPU_IMAGE
 from kfp import dsl
 from kfp.dsl import Dataset, Metrics, Output
-
-from e4srec.images import CPU_IMAGE
 
 
 def prepare_data(

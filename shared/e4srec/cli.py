@@ -54,6 +54,26 @@ def cmd_pretrain_sasrec(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_instruction_tune(args: argparse.Namespace) -> int:
+    from e4srec.stages import instruction_tune as stage
+
+    config = cfg.from_namespace(stage.InstructionTuneConfig, args)
+    metrics = stage.run_tracked(config, args.instructions, args.output, overwrite=args.overwrite,
+                                tracking=args.tracking, experiment=args.experiment)
+    print(json.dumps(metrics, indent=1))
+    print(f"wrote {args.output}")
+    return 0
+
+
+def cmd_backbones(args: argparse.Namespace) -> int:
+    from e4srec import backbones
+
+    for name, description in backbones.registered().items():
+        print(f"{name:<16} {description}")
+    print(f"cache: {backbones.cache_dir()}  (set {backbones.CACHE_ENV} to move it)")
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from e4srec import contracts as c
     from e4srec.evaluate import evaluate
@@ -81,7 +101,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from e4srec.local import run_local
 
     params = {k: getattr(args, k) for k in args.pipeline_params}
-    return run_local(input_path=args.input, pipeline_root=args.pipeline_root, params=params)
+    return run_local(input_path=args.input, instructions=args.instructions, pipeline_root=args.pipeline_root,
+                     params=params)
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
@@ -94,6 +115,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The `e4srec` argument parser (also used to document the CLI)."""
+    from e4srec.stages.instruction_tune import InstructionTuneConfig
     from e4srec.stages.prepare_data import PrepareDataConfig
     from e4srec.stages.pretrain_sasrec import PretrainSasrecConfig
 
@@ -119,6 +141,19 @@ def build_parser() -> argparse.ArgumentParser:
     _tracking_args(p)
     p.set_defaults(func=cmd_pretrain_sasrec)
 
+    p = sub.add_parser("instruction-tune", help="LoRA instruction tuning of the LLM backbone (or --skip)",
+                       description="LoRA SFT on Alpaca-format data with the loss on response tokens; writes a "
+                                   "PEFT adapter and backbone.json. --skip passes the base through.")
+    p.add_argument("--instructions", type=Path, help="Alpaca JSON, JSONL or Parquet (not needed with --skip)")
+    p.add_argument("--output", required=True, type=Path, help="output folder")
+    cfg.add_arguments(p, InstructionTuneConfig)
+    _tracking_args(p)
+    p.set_defaults(func=cmd_instruction_tune)
+
+    p = sub.add_parser("backbones", help="list the registered LLM backbone kinds",
+                       description="Backbone specs: a registered name, or KIND:ARGUMENT for kinds that take one.")
+    p.set_defaults(func=cmd_backbones)
+
     p = sub.add_parser("evaluate", help="evaluate a trained SASRec on a prepare-data output",
                        description="Full and sampled ranking on valid and test; checks the item-map hash.")
     p.add_argument("--model", required=True, type=Path, help="pretrain-sasrec output folder")
@@ -132,12 +167,14 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run the pipeline on this machine through kfp.local's SubprocessRunner; "
                                    "MLflow runs go to MLFLOW_TRACKING_URI or sqlite:///mlflow.db here.")
     p.add_argument("--input", type=Path, default=Path("data/Beauty.txt"), help="raw dataset")
+    p.add_argument("--instructions", type=Path, default=Path("data/instructions.json"),
+                   help="Alpaca-format data for instruction-tune")
     p.add_argument("--pipeline-root", type=Path, default=Path("runs"), help="where task outputs land")
     from e4srec_pipelines import pipeline_parameters
 
     names = []
     for name, (tp, default, help_text) in pipeline_parameters().items():
-        if name == "input_uri":
+        if name in ("input_uri", "instructions_uri"):
             continue
         flag = "--" + name.replace("_", "-")
         if tp is bool:

@@ -9,9 +9,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
-from e4srec.progress import progress
 
 from e4srec.errors import E4SRecError
+from e4srec.progress import progress
 
 TABLE_SUFFIXES = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".tsv": "csv"}
 

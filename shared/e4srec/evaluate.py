@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from e4srec.progress import progress as bar
 
 from e4srec.contracts import SequenceData
+from e4srec.progress import progress as bar
 
 KS_HR = (1, 5, 10, 20)
 KS_NDCG = (5, 10, 20)

@@ -13,21 +13,27 @@ from e4srec import contracts as c
 from e4srec.errors import E4SRecError
 
 
-def run_local(input_path: Path | str, pipeline_root: Path | str, params: dict[str, Any]) -> int:
+def run_local(input_path: Path | str, instructions: Path | str | None, pipeline_root: Path | str,
+              params: dict[str, Any]) -> int:
     """Run `create_pipeline()` with kfp.local's SubprocessRunner in this Python environment.
 
     Every task runs as a subprocess of this interpreter (use_venv=False), so the installed e4srec is
     the one the components import. MLflow runs go to MLFLOW_TRACKING_URI, else to ./mlflow.db, made
     absolute here so that every task writes to the same file.
     """
+    from e4srec_pipelines import create_pipeline
     from kfp import local
 
     from e4srec.evaluate import format_table
-    from e4srec_pipelines import create_pipeline
 
     input_path = Path(input_path).resolve()
     if not input_path.is_file():
         raise E4SRecError(f"{input_path}: input file not found; pass --input")
+    instructions_uri = ""
+    if instructions is not None and Path(instructions).is_file():
+        instructions_uri = str(Path(instructions).resolve())
+    elif params.get("instruction_tune_backbone"):
+        raise E4SRecError(f"{instructions}: instruction file not found; pass --instructions")
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{Path.cwd() / 'mlflow.db'}")
     root = Path(pipeline_root).resolve()
     root.mkdir(parents=True, exist_ok=True)
@@ -35,7 +41,7 @@ def run_local(input_path: Path | str, pipeline_root: Path | str, params: dict[st
     # non-Python image; here the tasks run in this very environment, so the warning does not apply.
     warnings.filterwarnings("ignore", message="You may be attemping to run a task", category=RuntimeWarning)
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=False)
-    task = create_pipeline()(input_uri=str(input_path), **params)
+    task = create_pipeline()(input_uri=str(input_path), instructions_uri=instructions_uri, **params)
     outputs = task.outputs
     sasrec = Path(outputs["sasrec"].path) if "sasrec" in outputs else None
     if sasrec is None or not (sasrec / c.METRICS).is_file():
@@ -47,6 +53,7 @@ def run_local(input_path: Path | str, pipeline_root: Path | str, params: dict[st
     print(f"Pipeline outputs:  {sasrec.parent.parent}")
     print(f"  prepared data:   {data}")
     print(f"  SASRec model:    {sasrec}  (item_embeddings.safetensors, metrics.json, *.png)")
+    print(f"  LLM backbone:    {outputs['backbone_uri']}  (backbone.json; adapter/ when instruction-tuned)")
     uri = os.environ["MLFLOW_TRACKING_URI"]
     beside = Path(sys.executable).parent / "mlflow"  # the venv's mlflow, when .venv is not activated
     mlflow_cmd = str(beside) if beside.exists() and not shutil.which("mlflow") else "mlflow"

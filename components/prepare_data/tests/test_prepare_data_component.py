@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kfp import local
-
 from e4srec import contracts as c
 from e4srec.stages import prepare_data as stage
 from e4srec_components.prepare_data import component
+from kfp import local
 
 
 def test_run_writes_the_contract(beauty_slice: Path, tmp_path: Path) -> None:

@@ -8,11 +8,10 @@ A lone kfp.local component cannot take an input artifact, so the test feeds it t
 
 from pathlib import Path
 
-from kfp import dsl, local
-
 from e4srec import contracts as c
 from e4srec.stages import pretrain_sasrec as stage
 from e4srec_components.pretrain_sasrec import component
+from kfp import dsl, local
 
 
 def test_run_writes_weights_embeddings_and_metrics(prepared: Path, tmp_path: Path) -> None:

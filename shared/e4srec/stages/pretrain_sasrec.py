@@ -25,13 +25,14 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import load_file, safe_open, save_file
-from e4srec.progress import progress as progress_bar
 
 from e4srec import config as cfg
 from e4srec import contracts as c
-from e4srec.evaluate import evaluate
+from e4srec.device import resolve_device
 from e4srec.errors import E4SRecError
+from e4srec.evaluate import evaluate
 from e4srec.outputs import staged_output
+from e4srec.progress import progress as progress_bar
 from e4srec.sasrec import SASRec, SASRecConfig
 from e4srec.tracking import Tracker, figure_to_artifact, stage_run
 
@@ -75,18 +76,6 @@ class PretrainSasrecConfig:
         cfg.require(0 <= self.dropout < 1, self, "dropout", "must be in [0, 1)")
         cfg.require(self.dim % self.n_heads == 0, self, "dim", f"must be divisible by n_heads={self.n_heads}")
         cfg.require(self.threads >= 0, self, "threads", "must be >= 0")
-
-
-def resolve_device(name: str) -> torch.device:
-    """`auto` -> cuda when available, else cpu; a cuda request without CUDA is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise E4SRecError(f"device={name!r}: this torch has no CUDA device; use --device cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise E4SRecError(f"device={name!r}: expected cpu, cuda, cuda:N or auto") from None
 
 
 class Batches:
@@ -257,7 +246,9 @@ def run(config: PretrainSasrecConfig, data_dir: Path | str, output: Path | str, 
         (out / "training_log.json").write_text(json.dumps(log, indent=1) + "\n")
 
         tracker.log_metrics(metrics)
-        from e4srec import plots  # matplotlib only where plots are made (GPU benches lack it)
+        from e4srec import (
+            plots,  # matplotlib only where plots are made (GPU benches lack it)
+        )
 
         figure_to_artifact(tracker, plots.training_curves(log, EARLY_STOP_METRIC), "training_curves.png", out)
         figure_to_artifact(tracker, plots.metrics_by_length(by_length["test"], title="SASRec test"),

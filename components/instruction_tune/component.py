@@ -1,0 +1,64 @@
+"""KFP component `instruction-tune`: a thin shim over `e4srec.stages.instruction_tune.run`."""
+
+# No `from __future__ import annotations`: KFP reads the real annotation objects.
+from kfp import dsl
+from kfp.dsl import Metrics, Model, Output
+
+from e4srec.images import CPU_IMAGE
+
+
+def instruction_tune(
+    instructions_uri: str,
+    backbone: Output[Model],
+    metrics: Output[Metrics],
+    backbone_spec: str = "smollm2-135m",
+    dtype: str = "auto",
+    quantization: str = "none",
+    local_files_only: bool = True,
+    skip: bool = False,
+    holdout: int = 100,
+    max_examples: int = 0,
+    epochs: int = 1,
+    batch_size: int = 8,
+    grad_accum: int = 1,
+    lr: float = 2e-4,
+    warmup_ratio: float = 0.1,
+    weight_decay: float = 0.0,
+    max_length: int = 256,
+    lora_r: int = 16,
+    lora_alpha: int = 32,
+    lora_dropout: float = 0.05,
+    target_modules: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+    merge: bool = False,
+    generations: int = 3,
+    max_new_tokens: int = 48,
+    seed: int = 42,
+    device: str = "auto",
+    threads: int = 0,
+    tracking: bool = True,
+    experiment: str = "e4srec",
+    pipeline_run_id: str = "",
+    pipeline_run_name: str = "",
+) -> str:
+    """LoRA SFT of the backbone on Alpaca data, or (skip) the base passed through; returns the output URI."""
+    from e4srec.kfp_artifacts import publish_metrics
+    from e4srec.stages import instruction_tune as stage
+
+    config = stage.InstructionTuneConfig(
+        backbone=backbone_spec, dtype=dtype, quantization=quantization, local_files_only=local_files_only,
+        skip=skip, holdout=holdout, max_examples=max_examples, epochs=epochs, batch_size=batch_size,
+        grad_accum=grad_accum, lr=lr, warmup_ratio=warmup_ratio, weight_decay=weight_decay, max_length=max_length,
+        lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=target_modules, merge=merge,
+        generations=generations, max_new_tokens=max_new_tokens, seed=seed, device=device, threads=threads,
+    )
+    values = stage.run_tracked(config, instructions_uri or None, backbone.path, tracking=tracking,
+                               experiment=experiment, pipeline_run_id=pipeline_run_id,
+                               pipeline_run_name=pipeline_run_name)
+    backbone.metadata.update({"backbone": backbone_spec, "skipped": skip, "quantization": quantization})
+    publish_metrics(metrics, values)
+    return backbone.uri
+
+
+def build(image: str = CPU_IMAGE) -> dsl.python_component.PythonComponent:
+    """The component running in `image` (which has e4srec and kfp installed)."""
+    return dsl.component(instruction_tune, base_image=image, install_kfp_package=False)

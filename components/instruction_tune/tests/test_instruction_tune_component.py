@@ -1,0 +1,28 @@
+"""instruction-tune: the stage function alone, and the component through kfp.local."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kfp import local
+
+from helpers import DATA
+from e4srec import contracts as c
+from e4srec.stages import instruction_tune as stage
+from e4srec_components.instruction_tune import component
+
+
+def test_run_skip_writes_only_the_descriptor(tmp_path: Path) -> None:
+    stage.run(stage.InstructionTuneConfig(backbone="tiny", skip=True), None, tmp_path / "out")
+    assert c.read_json(tmp_path / "out" / stage.DESCRIPTOR)["adapter"] is None
+
+
+def test_component_runs_in_kfp_local(tmp_path: Path) -> None:
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "root"))
+    task = component.build()(instructions_uri=str(DATA / "instructions.json"), backbone_spec="tiny",
+                             max_examples=8, holdout=4, generations=1, max_new_tokens=4, device="cpu",
+                             tracking=False)
+    out = Path(task.outputs["backbone"].path)
+    assert task.outputs["Output"] == task.outputs["backbone"].uri  # the URI dsl.OneOf hands downstream
+    assert (out / "adapter" / "adapter_config.json").is_file()
+    assert task.outputs["metrics"].metadata["instruct/train_examples"] == 8

@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from e4srec import contracts as c
 from e4srec.backbones import BackboneOptions, load_backbone
 from e4srec.stages import instruction_tune as stage

@@ -15,6 +15,7 @@ from e4srec.images import CPU_IMAGE
 from e4srec_components.instruction_tune import component as instruction_tune_component
 from e4srec_components.prepare_data import component as prepare_data_component
 from e4srec_components.pretrain_sasrec import component as pretrain_sasrec_component
+from e4srec_components.train_e4srec import component as train_e4srec_component
 from kfp import compiler, dsl
 
 PIPELINE_NAME = "e4srec"
@@ -30,14 +31,16 @@ def create_pipeline(*, image: str = CPU_IMAGE, name: str = PIPELINE_NAME) -> dsl
     prepare_data = prepare_data_component.build(image)
     pretrain_sasrec = pretrain_sasrec_component.build(image)
     instruction_tune = instruction_tune_component.build(image)
+    train_e4srec = train_e4srec_component.build(image)
 
     class Outputs(NamedTuple):
         data: dsl.Dataset
         sasrec: dsl.Model
         backbone_uri: str
+        e4srec: dsl.Model
 
-    @dsl.pipeline(name=name, description="E4SRec: data preparation, SASRec pre-training and instruction tuning, "
-                                         "tracked in MLflow.")
+    @dsl.pipeline(name=name, description="E4SRec: data preparation, SASRec pre-training, instruction tuning and "
+                                         "E4SRec training, tracked in MLflow.")
     def e4srec_pipeline(
         input_uri: str,
         instructions_uri: str = "",
@@ -60,6 +63,11 @@ def create_pipeline(*, image: str = CPU_IMAGE, name: str = PIPELINE_NAME) -> dsl
         instruct_epochs: int = 1,
         instruct_batch_size: int = 8,
         instruct_lr: float = 2e-4,
+        e4srec_epochs: int = 1,
+        e4srec_batch_size: int = 16,
+        e4srec_lr: float = 3e-4,
+        e4srec_max_examples: int = 0,
+        e4srec_eval_users: int = 0,
         device: str = "auto",
         tracking: bool = True,
         experiment: str = "e4srec",
@@ -89,6 +97,11 @@ def create_pipeline(*, image: str = CPU_IMAGE, name: str = PIPELINE_NAME) -> dsl
             instruct_epochs: instruction-tune passes over the training examples.
             instruct_batch_size: instruction-tune examples per batch.
             instruct_lr: instruction-tune peak learning rate.
+            e4srec_epochs: E4SRec passes over the training examples.
+            e4srec_batch_size: E4SRec examples per batch (the paper: 16; larger batches need a larger lr).
+            e4srec_lr: E4SRec peak learning rate.
+            e4srec_max_examples: train E4SRec on this many examples drawn with the seed (0: all).
+            e4srec_eval_users: evaluate E4SRec on this many users drawn with the seed (0: all).
             device: cpu, cuda, cuda:N or auto for the training stages.
             tracking: log every stage to MLflow (one parent run, a nested run per stage).
             experiment: MLflow experiment name.
@@ -113,8 +126,15 @@ def create_pipeline(*, image: str = CPU_IMAGE, name: str = PIPELINE_NAME) -> dsl
         with dsl.Else():
             base = instruction_tune(instructions_uri=instructions_uri, skip=True, **llm).set_display_name(
                 "instruction-tune (skipped)")
-        return Outputs(data=data.outputs["data"], sasrec=sasrec.outputs["model"],
-                       backbone_uri=dsl.OneOf(tuned.outputs["Output"], base.outputs["Output"]))
+        llm_uri = dsl.OneOf(tuned.outputs["Output"], base.outputs["Output"])
+        e4srec = train_e4srec(
+            data=data.outputs["data"], sasrec=sasrec.outputs["model"], llm_uri=llm_uri, epochs=e4srec_epochs,
+            batch_size=e4srec_batch_size, lr=e4srec_lr, max_examples=e4srec_max_examples,
+            eval_users=e4srec_eval_users, seed=seed, device=device, tracking=tracking, experiment=experiment,
+            **run_ids,
+        ).set_display_name("train-e4srec")
+        return Outputs(data=data.outputs["data"], sasrec=sasrec.outputs["model"], backbone_uri=llm_uri,
+                       e4srec=e4srec.outputs["model"])
 
     return e4srec_pipeline
 

@@ -6,10 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from helpers import e4srec
 from e4srec import backbones as b
 from e4srec.errors import E4SRecError
+from helpers import e4srec
 
 
 def test_registry_lists_kinds_and_rejects_unknown_names() -> None:

@@ -9,9 +9,11 @@ import pytest
 from e4srec.stages.instruction_tune import InstructionTuneConfig
 from e4srec.stages.prepare_data import PrepareDataConfig
 from e4srec.stages.pretrain_sasrec import PretrainSasrecConfig
+from e4srec.stages.train_e4srec import TrainE4SRecConfig
 from e4srec_components.instruction_tune.component import instruction_tune
 from e4srec_components.prepare_data.component import prepare_data
 from e4srec_components.pretrain_sasrec.component import pretrain_sasrec
+from e4srec_components.train_e4srec.component import train_e4srec
 from e4srec_pipelines import pipeline_parameters
 
 TRACKING = {"tracking", "experiment", "pipeline_run_id", "pipeline_run_name"}
@@ -21,6 +23,7 @@ TRACKING = {"tracking", "experiment", "pipeline_run_id", "pipeline_run_name"}
     (prepare_data, PrepareDataConfig, {"input_uri", "data", "metrics"}),
     (pretrain_sasrec, PretrainSasrecConfig, {"data", "model", "metrics"}),
     (instruction_tune, InstructionTuneConfig, {"instructions_uri", "backbone", "metrics"}),
+    (train_e4srec, TrainE4SRecConfig, {"data", "sasrec", "llm_uri", "model", "metrics"}),
 ])
 def test_component_parameters_are_the_config_fields(func, config, artifacts) -> None:  # noqa: ANN001
     renamed = {"backbone_spec": "backbone"}  # `backbone` is the component's output artifact
@@ -45,4 +48,7 @@ def test_pipeline_defaults_match_the_stage_configs() -> None:
         tune.backbone, tune.dtype, tune.quantization)
     for name in ("max_examples", "epochs", "batch_size", "lr"):
         assert params[f"instruct_{name}"][1] == getattr(tune, name), name
+    e4srec = TrainE4SRecConfig()
+    for name in ("epochs", "batch_size", "lr", "max_examples", "eval_users"):
+        assert params[f"e4srec_{name}"][1] == getattr(e4srec, name), name
     assert all(help_text for _, _, help_text in params.values())  # every parameter is documented

@@ -7,12 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from helpers import DATA
 from e4srec import contracts as c
 from e4srec.backbones import BackboneOptions, load_backbone
 from e4srec.errors import E4SRecError
 from e4srec.stages import instruction_tune as stage
+from helpers import DATA
 
 
 @pytest.fixture(scope="module")

@@ -7,11 +7,10 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
-from helpers import DATA, e4srec
 from e4srec import instructions as ins
 from e4srec.backbones import BackboneOptions, load_backbone
 from e4srec.errors import E4SRecError
+from helpers import DATA, e4srec
 
 RECORDS = [{"instruction": f"Say {i}.", "input": "" if i % 2 else "loudly", "output": f"{i}!"} for i in range(12)]
 

@@ -19,7 +19,8 @@ def test_committed_pipeline_yaml_is_in_sync(tmp_path: Path) -> None:
 def test_compiled_pipeline_shape() -> None:
     spec = yaml.safe_load((REPO / "pipeline.yaml").read_text())
     tasks = spec["root"]["dag"]["tasks"]
-    assert {"prepare-data", "pretrain-sasrec", "condition-branches-1"} <= set(tasks)
+    assert {"prepare-data", "pretrain-sasrec", "condition-branches-1", "train-e4srec"} <= set(tasks)
+    assert set(tasks["train-e4srec"]["dependentTasks"]) == {"prepare-data", "pretrain-sasrec", "condition-branches-1"}
     assert tasks["pretrain-sasrec"]["dependentTasks"] == ["prepare-data"]
     assert {"input_uri", "instructions_uri", "backbone"} <= set(spec["root"]["inputDefinitions"]["parameters"])
     # instruction-tune runs under dsl.If / dsl.Else on the pipeline parameter, its URI chosen by dsl.OneOf
@@ -37,7 +38,8 @@ def test_local_run_of_the_pipeline(tmp_path: Path, beauty_slice: Path) -> None:
     result = e4srec(
         "run", "--input", beauty_slice, "--pipeline-root", tmp_path / "runs", "--sasrec-epochs", "2",
         "--sasrec-loss", "ce", "--instructions", DATA / "instructions.json", "--backbone", "tiny",
-        "--instruction-tune-backbone", "--instruct-max-examples", "8",
+        "--instruction-tune-backbone", "--instruct-max-examples", "8", "--e4srec-max-examples", "64",
+        "--e4srec-eval-users", "100", "--e4srec-batch-size", "8",
         cwd=tmp_path, env={"MLFLOW_TRACKING_URI": f"sqlite:///{db}"},
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -57,7 +59,11 @@ def test_local_run_of_the_pipeline(tmp_path: Path, beauty_slice: Path) -> None:
     assert len(parents) == 1 and parents.iloc[0]["tags.kfp.run_name"].startswith("e4srec-")
     parent = parents.iloc[0]
     children = runs[runs["tags.mlflow.parentRunId"] == parent["run_id"]]
-    assert sorted(children["tags.e4srec.stage"]) == ["instruction-tune", "prepare-data", "pretrain-sasrec"]
+    assert sorted(children["tags.e4srec.stage"]) == ["instruction-tune", "prepare-data", "pretrain-sasrec",
+                                                     "train-e4srec"]
+    trained = c.read_json(run_dir / "train-e4srec" / "model" / "config.json")
+    assert trained["llm"]["backbone"] == "tiny" and trained["instruct_adapter"] == "instruct_adapter"
+    assert "E4SRec        test   full" in result.stdout
     assert set(children["status"]) == {"FINISHED"} and parent["status"] == "FINISHED"
     sasrec = children[children["tags.e4srec.stage"] == "pretrain-sasrec"].iloc[0]
     assert sasrec["params.loss"] == "ce" and sasrec["params.epochs"] == "2"
@@ -67,7 +73,8 @@ def test_local_run_of_the_pipeline(tmp_path: Path, beauty_slice: Path) -> None:
 
 def test_local_run_skipping_instruction_tune(tmp_path: Path, beauty_slice: Path) -> None:
     result = e4srec("run", "--input", beauty_slice, "--pipeline-root", tmp_path / "runs", "--sasrec-epochs", "1",
-                    "--backbone", "tiny", "--no-tracking", cwd=tmp_path)
+                    "--backbone", "tiny", "--e4srec-max-examples", "32", "--e4srec-eval-users", "50",
+                    "--no-tracking", cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     (run_dir,) = (tmp_path / "runs").glob("e4srec-*")
     (descriptor,) = run_dir.glob("instruction-tune*/backbone/backbone.json")

@@ -1,10 +1,9 @@
 """KFP component `instruction-tune`: a thin shim over `e4srec.stages.instruction_tune.run`."""
 
 # No `from __future__ import annotations`: KFP reads the real annotation objects.
+from e4srec.images import CPU_IMAGE
 from kfp import dsl
 from kfp.dsl import Metrics, Model, Output
-
-from e4srec.images import CPU_IMAGE
 
 
 def instruction_tune(

@@ -65,6 +65,18 @@ def cmd_instruction_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_e4srec(args: argparse.Namespace) -> int:
+    from e4srec.stages import train_e4srec as stage
+
+    config = cfg.from_namespace(stage.TrainE4SRecConfig, args)
+    metrics = stage.run_tracked(config, args.data, args.sasrec, args.llm, args.output, overwrite=args.overwrite,
+                                tracking=args.tracking, experiment=args.experiment)
+    if metrics:  # rank 0 (under torchrun the other processes return nothing)
+        _print_metrics(metrics, "E4SRec")
+        print(f"wrote {args.output}")
+    return 0
+
+
 def cmd_backbones(args: argparse.Namespace) -> int:
     from e4srec import backbones
 
@@ -118,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     from e4srec.stages.instruction_tune import InstructionTuneConfig
     from e4srec.stages.prepare_data import PrepareDataConfig
     from e4srec.stages.pretrain_sasrec import PretrainSasrecConfig
+    from e4srec.stages.train_e4srec import TrainE4SRecConfig
 
     fmt = argparse.ArgumentDefaultsHelpFormatter
     parser = argparse.ArgumentParser(prog="e4srec", description=__doc__.splitlines()[0])
@@ -149,6 +162,19 @@ def build_parser() -> argparse.ArgumentParser:
     cfg.add_arguments(p, InstructionTuneConfig)
     _tracking_args(p)
     p.set_defaults(func=cmd_instruction_tune)
+
+    p = sub.add_parser("train-e4srec", help="train E4SRec and rank the whole catalog",
+                       description="Frozen LLM + SASRec item embeddings through Linear(64 -> hidden), LoRA, and a "
+                                   "Linear(hidden -> N+1) item head trained with cross-entropy over all items. "
+                                   "Under torchrun it trains data-parallel.")
+    p.add_argument("--data", required=True, type=Path, help="prepare-data output folder")
+    p.add_argument("--sasrec", required=True, type=Path, help="pretrain-sasrec output folder")
+    p.add_argument("--llm", required=True, help="instruction-tune output folder, or a backbone spec (smollm2-135m, "
+                                                "tiny, gguf:PATH, hf:FOLDER_OR_ID)")
+    p.add_argument("--output", required=True, type=Path, help="output folder")
+    cfg.add_arguments(p, TrainE4SRecConfig)
+    _tracking_args(p)
+    p.set_defaults(func=cmd_train_e4srec)
 
     p = sub.add_parser("backbones", help="list the registered LLM backbone kinds",
                        description="Backbone specs: a registered name, or KIND:ARGUMENT for kinds that take one.")

@@ -44,16 +44,18 @@ def run_local(input_path: Path | str, instructions: Path | str | None, pipeline_
     task = create_pipeline()(input_uri=str(input_path), instructions_uri=instructions_uri, **params)
     outputs = task.outputs
     sasrec = Path(outputs["sasrec"].path) if "sasrec" in outputs else None
-    if sasrec is None or not (sasrec / c.METRICS).is_file():
+    e4srec = Path(outputs["e4srec"].path) if "e4srec" in outputs else None
+    if e4srec is None or not (e4srec / c.METRICS).is_file():
         raise E4SRecError(f"the pipeline failed; the failing task's log is above (task outputs under {root})")
     data = Path(outputs["data"].path)
     print()
-    print(format_table({"SASRec": c.read_json(sasrec / c.METRICS)}))
+    print(format_table({"SASRec": c.read_json(sasrec / c.METRICS), "E4SRec": c.read_json(e4srec / c.METRICS)}))
     print()
     print(f"Pipeline outputs:  {sasrec.parent.parent}")
     print(f"  prepared data:   {data}")
     print(f"  SASRec model:    {sasrec}  (item_embeddings.safetensors, metrics.json, *.png)")
     print(f"  LLM backbone:    {outputs['backbone_uri']}  (backbone.json; adapter/ when instruction-tuned)")
+    print(f"  E4SRec model:    {e4srec}  (adapter/, head_proj.safetensors, metrics.json, *.png)")
     uri = os.environ["MLFLOW_TRACKING_URI"]
     beside = Path(sys.executable).parent / "mlflow"  # the venv's mlflow, when .venv is not activated
     mlflow_cmd = str(beside) if beside.exists() and not shutil.which("mlflow") else "mlflow"

@@ -28,6 +28,18 @@ def training_curves(log: Sequence[dict[str, Any]], metric: str = "valid/full/NDC
     return fig
 
 
+def step_curves(log: Sequence[dict[str, Any]]) -> Any:
+    """Loss, learning rate and throughput per optimizer step, side by side."""
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.2))
+    steps = [r["step"] for r in log]
+    for ax, key, color in zip(axes, ("train/loss", "train/lr", "train/examples_per_second"),
+                              ("#4C72B0", "#55A868", "#DD8452")):
+        ax.plot(steps, [r[key] for r in log], color=color)
+        ax.set(xlabel="optimizer step", title=key.split("/")[1].replace("_", " "))
+    fig.tight_layout()
+    return fig
+
+
 def metrics_by_length(groups: dict[str, dict[str, dict[str, float]]], metric: str = "NDCG@10", title: str = "") -> Any:
     """Bars of `metric` per history-length group, one colour per protocol, user counts on the axis."""
     protocols = list(groups)

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kfp import local
-
-from helpers import DATA
 from e4srec import contracts as c
 from e4srec.stages import instruction_tune as stage
 from e4srec_components.instruction_tune import component
+from helpers import DATA
+from kfp import local
 
 
 def test_run_skip_writes_only_the_descriptor(tmp_path: Path) -> None:

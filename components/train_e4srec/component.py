@@ -1,0 +1,71 @@
+"""KFP component `train-e4srec`: a thin shim over `e4srec.stages.train_e4srec.run`."""
+
+# No `from __future__ import annotations`: KFP reads the real annotation objects.
+from e4srec.images import CPU_IMAGE
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Metrics, Model, Output
+
+
+def train_e4srec(
+    data: Input[Dataset],
+    sasrec: Input[Model],
+    llm_uri: str,
+    model: Output[Model],
+    metrics: Output[Metrics],
+    instruction: str = "Given the user's purchase history, predict next possible item to be purchased.",
+    response_prefix: str = "\n\n### Response:\n",
+    epochs: int = 1,
+    batch_size: int = 16,
+    grad_accum: int = 1,
+    lr: float = 3e-4,
+    warmup_ratio: float = 0.05,
+    weight_decay: float = 0.0,
+    max_grad_norm: float = 1.0,
+    item_dim: int = 64,
+    lora_r: int = 16,
+    lora_alpha: int = 16,
+    lora_dropout: float = 0.05,
+    target_modules: str = "gate_proj,up_proj,down_proj",
+    max_targets_per_user: int = 50,
+    max_examples: int = 0,
+    eval_users: int = 0,
+    eval_batch_size: int = 64,
+    prefix_cache: bool = True,
+    bucket_by_length: bool = True,
+    checkpoint_every: int = 0,
+    checkpoint_dir: str = "",
+    resume: bool = False,
+    seed: int = 42,
+    device: str = "auto",
+    threads: int = 0,
+    tracking: bool = True,
+    experiment: str = "e4srec",
+    pipeline_run_id: str = "",
+    pipeline_run_name: str = "",
+):
+    """Train E4SRec (frozen LLM, LoRA, projection, item head) and rank the whole catalog."""
+    from e4srec import contracts
+    from e4srec.kfp_artifacts import publish_metrics
+    from e4srec.stages import train_e4srec as stage
+
+    config = stage.TrainE4SRecConfig(
+        instruction=instruction, response_prefix=response_prefix, epochs=epochs, batch_size=batch_size,
+        grad_accum=grad_accum, lr=lr, warmup_ratio=warmup_ratio, weight_decay=weight_decay,
+        max_grad_norm=max_grad_norm, item_dim=item_dim, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+        target_modules=target_modules, max_targets_per_user=max_targets_per_user, max_examples=max_examples,
+        eval_users=eval_users, eval_batch_size=eval_batch_size, prefix_cache=prefix_cache,
+        bucket_by_length=bucket_by_length, checkpoint_every=checkpoint_every, checkpoint_dir=checkpoint_dir,
+        resume=resume, seed=seed, device=device, threads=threads,
+    )
+    values = stage.run_tracked(config, data.path, sasrec.path, llm_uri, model.path, tracking=tracking,
+                               experiment=experiment, pipeline_run_id=pipeline_run_id,
+                               pipeline_run_name=pipeline_run_name)
+    saved = contracts.read_json(f"{model.path}/{stage.CONFIG}")
+    model.metadata.update({"item_map_sha256": saved["item_map_sha256"], "backbone": saved["llm"]["backbone"],
+                           "kind": "e4srec", "framework": "pytorch+peft"})
+    publish_metrics(metrics, values)
+
+
+def build(image: str = CPU_IMAGE) -> dsl.python_component.PythonComponent:
+    """The component running in `image` (which has e4srec and kfp installed)."""
+    return dsl.component(train_e4srec, base_image=image, install_kfp_package=False)

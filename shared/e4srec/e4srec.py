@@ -1,0 +1,168 @@
+"""E4SRec (Li et al. 2023): a frozen decoder LLM that ranks the whole catalog in one forward pass.
+
+Read top to bottom: prompt layout, config, model. The prompt for a user is
+
+    [instruction tokens] [Linear(64 -> hidden)(SASRec embedding of each history item)] [response prefix]
+
+and the hidden state of its last position goes through a bias-free `Linear(hidden -> N+1)` item head,
+trained with cross-entropy over all items. Only LoRA (gate/up/down projections by default), the input
+projection and the head train; the LLM and the SASRec table stay frozen.
+
+Why the whole prompt is left-padded: every row must end on the response prefix so that position -1 is
+the one the head reads, and position ids must start at 0 on each row's first real token, so a short
+history sees exactly the positions it would see alone in a batch of one.
+
+Why a prefix cache helps: the instruction tokens are the same for every user, come first, and (with
+position ids from 0) produce the same keys and values in every row. Scoring computes them once (batch
+1) and reuses them for every batch; the items and the response prefix then follow, with the padding
+between them masked, which gives the same attention as the left-padded layout.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from e4srec.errors import E4SRecError
+
+
+def left_pad_layout(mask: torch.Tensor) -> torch.Tensor:
+    """Per-row permutation that moves masked-out positions to the front, keeping the order of the rest.
+
+    mask (B, T) of 0/1 -> index (B, T) for gather along dim 1. A stable sort on the mask does it.
+    """
+    return torch.sort(mask.to(torch.int8), dim=1, stable=True).indices
+
+
+def position_ids(mask: torch.Tensor, offset: int = 0) -> torch.Tensor:
+    """Positions counted from each row's first real token (pads get 0, they are masked anyway)."""
+    return (mask.long().cumsum(1) - 1).clamp(min=0) + offset  # (B, T)
+
+
+@dataclass
+class E4SRecConfig:
+    """Architecture settings saved beside the trained weights (config.json)."""
+
+    n_items: int  # N: items are 1..N, index 0 is padding and is never predicted
+    item_dim: int = 64
+    hidden_size: int = 0  # the backbone's, filled in at construction
+    lora_r: int = 16
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    target_modules: str = "gate_proj,up_proj,down_proj"
+    max_len: int = 50
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class E4SRec(nn.Module):
+    """Frozen LLM + frozen ID embeddings + (LoRA, projection, item head)."""
+
+    def __init__(self, config: E4SRecConfig, decoder: nn.Module, tokenizer: Any, item_table: torch.Tensor,
+                 prefix_text: str, response_prefix: str) -> None:
+        super().__init__()
+        from peft import LoraConfig, get_peft_model
+
+        if item_table.shape[1] != config.item_dim:
+            raise E4SRecError(f"item embeddings are {item_table.shape[1]}-dimensional but the input projection takes "
+                              f"{config.item_dim}; retrain SASRec with --dim {config.item_dim} or set --item-dim "
+                              f"{item_table.shape[1]}")
+        if item_table.shape[0] != config.n_items + 1:
+            raise E4SRecError(f"item embeddings have {item_table.shape[0]} rows, the data {config.n_items} items "
+                              f"plus padding; they belong to another item map")
+        config.hidden_size = int(decoder.config.hidden_size)
+        self.config = config
+        lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                          target_modules=[m for m in config.target_modules.split(",") if m])
+        self.llm = get_peft_model(decoder, lora)
+        # Frozen SASRec table; row 0 is padding and its projection is masked out of attention anyway.
+        self.item_emb = nn.Embedding.from_pretrained(item_table.float(), freeze=True, padding_idx=0)
+        self.proj = nn.Linear(config.item_dim, config.hidden_size)
+        # No bias: a bias would be a per-item popularity score the backbone need not learn to express.
+        self.head = nn.Linear(config.hidden_size, config.n_items + 1, bias=False)
+        ids = lambda text: torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+        self.register_buffer("prefix_ids", ids(prefix_text), persistent=False)  # (P,)
+        self.register_buffer("suffix_ids", ids(response_prefix), persistent=False)  # (S,)
+        params = inspect.signature(decoder.forward).parameters
+        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5.2x
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """Every weight that trains (LoRA, projection, head): what checkpoints and DDP carry."""
+        return {n: p for n, p in self.named_parameters() if p.requires_grad}
+
+    def _embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.llm.get_input_embeddings()(ids)
+
+    def _items(self, histories: torch.Tensor) -> torch.Tensor:
+        if histories.numel() and (histories.min() < 0 or histories.max() > self.config.n_items):
+            bad = histories[(histories < 0) | (histories > self.config.n_items)][0].item()
+            raise E4SRecError(f"history item index {bad} is outside 1..{self.config.n_items}; map ids with the "
+                              f"item map first")
+        emb = self.proj(self.item_emb(histories))  # (B, L, H)
+        return emb.to(self._embed_tokens(self.suffix_ids[:1]).dtype)
+
+    def _last_hidden(self, histories: torch.Tensor) -> torch.Tensor:
+        """Hidden state of the final position for left-padded histories (B, L): the uncached path."""
+        B = histories.shape[0]
+        prefix = self._embed_tokens(self.prefix_ids).expand(B, -1, -1)  # (B, P, H)
+        suffix = self._embed_tokens(self.suffix_ids).expand(B, -1, -1)  # (B, S, H)
+        x = torch.cat([prefix, self._items(histories), suffix], 1)  # (B, P+L+S, H), pads mid-row
+        ones = lambda n: torch.ones(B, n, dtype=torch.long, device=histories.device)  # noqa: E731
+        mask = torch.cat([ones(len(self.prefix_ids)), (histories > 0).long(), ones(len(self.suffix_ids))], 1)
+        order = left_pad_layout(mask)  # move the pads to the front of each row
+        x = x.gather(1, order[..., None].expand_as(x))  # (B, T, H), left-padded
+        mask = mask.gather(1, order)
+        out = self.llm(inputs_embeds=x, attention_mask=mask, position_ids=position_ids(mask))
+        return out.last_hidden_state[:, -1]  # (B, H): the response prefix's last token
+
+    def logits(self, histories: torch.Tensor) -> torch.Tensor:
+        """(B, N+1) item logits, padding column at -inf, through the uncached path (training)."""
+        logits = self.head(self._last_hidden(histories)).float()
+        logits[:, 0] = float("-inf")
+        return logits
+
+    def forward(self, histories: torch.Tensor) -> torch.Tensor:
+        """Training logits (what DistributedDataParallel calls)."""
+        return self.logits(histories)
+
+    def loss(self, histories: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy over all items of the next item `targets` (B,) after `histories` (B, L)."""
+        return F.cross_entropy(self.logits(histories), targets)
+
+    @torch.no_grad()
+    def prefix_cache(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per-layer (keys, values) of the instruction tokens, batch 1: compute once per set of weights."""
+        out = self.llm(inputs_embeds=self._embed_tokens(self.prefix_ids)[None], use_cache=True)
+        cache = out.past_key_values
+        return [(layer.keys, layer.values) for layer in cache.layers]
+
+    @torch.no_grad()
+    def score_all_items(self, histories: torch.Tensor,
+                        cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
+        """Scores of every item for left-padded histories (B, L) -> (B, N+1); column 0 is -inf.
+
+        With `cache` (from `prefix_cache()`), the instruction tokens are not recomputed. An empty
+        history (all padding) is scored from the prompt alone: the model's ranking with no evidence.
+        """
+        if cache is None:
+            return self.logits(histories)
+        from transformers import DynamicCache
+
+        B, P = histories.shape[0], len(self.prefix_ids)
+        suffix = self._embed_tokens(self.suffix_ids).expand(B, -1, -1)  # (B, S, H)
+        x = torch.cat([self._items(histories), suffix], 1)  # (B, L+S, H), pads first
+        new_mask = torch.cat([(histories > 0).long(), torch.ones_like(histories[:, :1]).expand(-1, suffix.shape[1])], 1)
+        mask = torch.cat([torch.ones(B, P, dtype=torch.long, device=x.device), new_mask], 1)  # (B, P+L+S)
+        past = DynamicCache(ddp_cache_data=[(k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)) for k, v in cache],
+                            config=self.llm.get_base_model().config)
+        out = self.llm(inputs_embeds=x, attention_mask=mask, position_ids=position_ids(new_mask, offset=P),
+                       use_cache=True, **{self._cache_kwarg: past})
+        logits = self.head(out.last_hidden_state[:, -1]).float()  # (B, N+1)
+        logits[:, 0] = float("-inf")
+        return logits

@@ -72,7 +72,6 @@ def measure(spec: str, variant: str, device: torch.device, batch: int, seq: int,
         result["peak_MiB"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     else:
         result["max_rss_MiB"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-    del model, opt, bb
     return result
 
 

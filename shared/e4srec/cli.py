@@ -77,6 +77,15 @@ def cmd_train_e4srec(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_extend_items(args: argparse.Namespace) -> int:
+    from e4srec.extend import extend_items
+
+    summary = extend_items(args.model, args.new_items, args.output, overwrite=args.overwrite)
+    print(f"added {summary['items_added']} items to {summary['items_before']}; item map "
+          f"{summary['item_map_sha256'][:12]}; wrote {args.output}")
+    return 0
+
+
 def cmd_backbones(args: argparse.Namespace) -> int:
     from e4srec import backbones
 
@@ -175,6 +184,16 @@ def build_parser() -> argparse.ArgumentParser:
     cfg.add_arguments(p, TrainE4SRecConfig)
     _tracking_args(p)
     p.set_defaults(func=cmd_train_e4srec)
+
+    p = sub.add_parser("extend-items", help="add new items to a trained E4SRec (LLM and LoRA untouched)",
+                       description="Append items with their SASRec-space embeddings; their head rows are "
+                                   "predicted by a ridge regression fitted on the trained items. Old items score "
+                                   "exactly as before.")
+    p.add_argument("--model", required=True, type=Path, help="train-e4srec output folder")
+    p.add_argument("--new-items", required=True, type=Path, help="Parquet: item_id (string), embedding (list<float>)")
+    p.add_argument("--output", required=True, type=Path, help="output folder (a copy of the model, extended)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output folder")
+    p.set_defaults(func=cmd_extend_items)
 
     p = sub.add_parser("backbones", help="list the registered LLM backbone kinds",
                        description="Backbone specs: a registered name, or KIND:ARGUMENT for kinds that take one.")

@@ -330,6 +330,7 @@ def run(config: TrainE4SRecConfig, data_dir: Path | str, sasrec_dir: Path | str,
         "train/loss_first": log[0]["train/loss"] if log else float("nan"),
         "train/loss_last": log[-1]["train/loss"] if log else float("nan"),
         "eval/users": float(len(results[0].history_lengths)),
+        "train/world_size": float(world),
         "eval/users_per_second": 2 * len(results[0].history_lengths) / eval_seconds,
     }
     by_length = {r.split: r.by_length() for r in results}

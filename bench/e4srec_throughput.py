@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from e4srec import contracts as c
 from e4srec.backbones import BackboneOptions, load_backbone
 from e4srec.evaluate import evaluate

@@ -12,9 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
-
-from helpers import e4srec
 from e4srec import contracts as c
+from helpers import e4srec
 
 
 def common(prepared: Path, sasrec_dir: Path, *extra: str) -> list[str]:

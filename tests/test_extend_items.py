@@ -8,11 +8,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
-from helpers import e4srec
 from e4srec import contracts as c
 from e4srec.stages import pretrain_sasrec
 from e4srec.stages import train_e4srec as stage
+from helpers import e4srec
 
 
 @pytest.fixture(scope="module")

@@ -45,11 +45,16 @@ def run_local(input_path: Path | str, instructions: Path | str | None, pipeline_
     outputs = task.outputs
     sasrec = Path(outputs["sasrec"].path) if "sasrec" in outputs else None
     e4srec = Path(outputs["e4srec"].path) if "e4srec" in outputs else None
+    data = Path(outputs["data"].path)
     if e4srec is None or not (e4srec / c.METRICS).is_file():
         raise E4SRecError(f"the pipeline failed; the failing task's log is above (task outputs under {root})")
-    data = Path(outputs["data"].path)
     print()
-    print(format_table({"SASRec": c.read_json(sasrec / c.METRICS), "E4SRec": c.read_json(e4srec / c.METRICS)}))
+    e4srec_metrics = c.read_json(e4srec / c.METRICS)
+    print(format_table({"SASRec": c.read_json(sasrec / c.METRICS), "E4SRec": e4srec_metrics}))
+    users = int(c.read_json(data / c.MANIFEST)["n_users"])
+    if e4srec_metrics["eval/users"] < users:
+        print(f"(E4SRec is evaluated on {int(e4srec_metrics['eval/users']):,} of {users:,} users, drawn with the seed; "
+              f"trained on {int(e4srec_metrics['train/examples']):,} examples)")
     print()
     print(f"Pipeline outputs:  {sasrec.parent.parent}")
     print(f"  prepared data:   {data}")

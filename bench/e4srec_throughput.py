@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
             sync()
             t0 = time.perf_counter()
             cache = model.prefix_cache() if use_cache else None  # computed inside the timing
-            result = evaluate(lambda h: model.score_all_items(h, cache), data, "test", batch_size=args.rank_batch,
+            result = evaluate(lambda h: model.score_all_items(h, cache), data, "test",  # noqa: B023
+                              batch_size=args.rank_batch,
                               device=device, users=users, progress=False)
             sync()
             times.append(time.perf_counter() - t0)

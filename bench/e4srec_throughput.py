@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
 
     histories, targets = stage.build_examples(data, config.max_targets_per_user)
     lengths = (histories > 0).sum(1)
-    batches = stage._epoch_batches(lengths, config, epoch=0)[: args.train_steps + 1]
+    batches = stage.epoch_batches(lengths, config, epoch=0)[: args.train_steps + 1]
     model.train()
     params = list(model.trainable_state().values())
     opt = torch.optim.AdamW(params, lr=1e-4)

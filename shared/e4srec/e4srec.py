@@ -105,7 +105,7 @@ class E4SRec(nn.Module):
             raise E4SRecError(f"history item index {bad} is outside 1..{self.config.n_items}; map ids with the "
                               f"item map first")
         emb = self.proj(self.item_emb(histories))  # (B, L, H)
-        return emb.to(self._embed_tokens(self.suffix_ids[:1]).dtype)
+        return emb.to(self.llm.get_input_embeddings().weight.dtype)  # bf16 backbones take bf16 inputs
 
     def _last_hidden(self, histories: torch.Tensor) -> torch.Tensor:
         """Hidden state of the final position for left-padded histories (B, L): the uncached path."""

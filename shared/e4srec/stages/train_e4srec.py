@@ -200,7 +200,7 @@ class Checkpoints:
         return c.read_json(self.root / "progress.json")
 
 
-def _epoch_batches(lengths: np.ndarray, config: TrainE4SRecConfig, epoch: int) -> list[np.ndarray]:
+def epoch_batches(lengths: np.ndarray, config: TrainE4SRecConfig, epoch: int) -> list[np.ndarray]:
     """Global micro-batches of example indices for one epoch; a pure function of (seed, epoch)."""
     rng = np.random.default_rng([config.seed, epoch])
     order = rng.permutation(len(lengths))
@@ -237,7 +237,7 @@ def train(config: TrainE4SRecConfig, model: E4SRec, histories: np.ndarray, targe
     model.train()
     running, seen, t0 = 0.0, 0, time.perf_counter()
     for epoch in range(start_epoch, config.epochs):
-        batches = _epoch_batches(lengths, config, epoch)
+        batches = epoch_batches(lengths, config, epoch)
         for b in range(start_batch if epoch == start_epoch else 0, len(batches)):
             rows = np.array_split(batches[b], world)[rank]  # this process's share of the global batch
             width = max(int(lengths[batches[b]].max()), 1)

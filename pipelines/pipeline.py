@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from e4srec.images import CPU_IMAGE
+from e4srec_components.deploy import component as deploy_component
 from e4srec_components.instruction_tune import component as instruction_tune_component
 from e4srec_components.prepare_data import component as prepare_data_component
 from e4srec_components.pretrain_sasrec import component as pretrain_sasrec_component
@@ -32,6 +33,7 @@ def create_pipeline(*, image: str = CPU_IMAGE, name: str = PIPELINE_NAME) -> dsl
     pretrain_sasrec = pretrain_sasrec_component.build(image)
     instruction_tune = instruction_tune_component.build(image)
     train_e4srec = train_e4srec_component.build(image)
+    deploy, promote_champion = deploy_component.build(image)
 
     class Outputs(NamedTuple):
         data: dsl.Dataset
@@ -68,6 +70,11 @@ def create_pipeline(*, image: str = CPU_IMAGE, name: str = PIPELINE_NAME) -> dsl
         e4srec_lr: float = 3e-4,
         e4srec_max_examples: int = 0,
         e4srec_eval_users: int = 0,
+        registered_model: str = "",
+        gate_metric: str = "test/full/NDCG@10",
+        gate_min_margin: float = 0.0,
+        when_no_champion: str = "promote",
+        force_promote: bool = False,
         device: str = "auto",
         tracking: bool = True,
         experiment: str = "e4srec",
@@ -101,9 +108,16 @@ def create_pipeline(*, image: str = CPU_IMAGE, name: str = PIPELINE_NAME) -> dsl
             e4srec_batch_size: E4SRec examples per batch (the paper: 16; larger batches need a larger lr).
             e4srec_lr: E4SRec peak learning rate.
             e4srec_max_examples: train E4SRec on this many examples drawn with the seed (0: all).
-            e4srec_eval_users: evaluate E4SRec on this many users drawn with the seed (0: all).
+            e4srec_eval_users: evaluate E4SRec on this many users drawn with the seed (0: all); the
+                deploy gate compares challenger and champion on the same users.
+            registered_model: MLflow registered model name (default: e4srec-<dataset>).
+            gate_metric: metric the promotion gate compares, e.g. test/full/NDCG@10.
+            gate_min_margin: the challenger must beat the champion by at least this much.
+            when_no_champion: promote or hold when the registered model has no champion yet.
+            force_promote: make the new version champion whatever the gate says.
             device: cpu, cuda, cuda:N or auto for the training stages.
-            tracking: log every stage to MLflow (one parent run, a nested run per stage).
+            tracking: log every stage to MLflow (one parent run, a nested run per stage); off also skips
+                deploy, which needs the registry.
             experiment: MLflow experiment name.
         """
         run_ids = dict(pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, pipeline_run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER)
@@ -133,6 +147,17 @@ def create_pipeline(*, image: str = CPU_IMAGE, name: str = PIPELINE_NAME) -> dsl
             eval_users=e4srec_eval_users, seed=seed, device=device, tracking=tracking, experiment=experiment,
             **run_ids,
         ).set_display_name("train-e4srec")
+        # Not nested under an If on `tracking`: kfp.local cannot resolve a condition inside a condition on a
+        # task output. deploy itself returns promote=False, registering nothing, when tracking is off.
+        gate = deploy(
+            model=e4srec.outputs["model"], data=data.outputs["data"], registered_model=registered_model,
+            metric=gate_metric, min_margin=gate_min_margin, when_no_champion=when_no_champion,
+            force_promote=force_promote, eval_users=e4srec_eval_users, seed=seed, device=device,
+            tracking=tracking, experiment=experiment, **run_ids,
+        ).set_display_name("deploy")
+        with dsl.If(gate.outputs["Output"] == True):  # noqa: E712 (the gate, visible in the DAG)
+            promote_champion(verdict=gate.outputs["verdict"], pipeline_run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER
+                             ).set_display_name("promote-champion")
         return Outputs(data=data.outputs["data"], sasrec=sasrec.outputs["model"], backbone_uri=llm_uri,
                        e4srec=e4srec.outputs["model"])
 

@@ -6,10 +6,12 @@ import dataclasses
 import inspect
 
 import pytest
+from e4srec.stages.deploy import DeployConfig
 from e4srec.stages.instruction_tune import InstructionTuneConfig
 from e4srec.stages.prepare_data import PrepareDataConfig
 from e4srec.stages.pretrain_sasrec import PretrainSasrecConfig
 from e4srec.stages.train_e4srec import TrainE4SRecConfig
+from e4srec_components.deploy.component import deploy
 from e4srec_components.instruction_tune.component import instruction_tune
 from e4srec_components.prepare_data.component import prepare_data
 from e4srec_components.pretrain_sasrec.component import pretrain_sasrec
@@ -24,6 +26,7 @@ TRACKING = {"tracking", "experiment", "pipeline_run_id", "pipeline_run_name"}
     (pretrain_sasrec, PretrainSasrecConfig, {"data", "model", "metrics"}),
     (instruction_tune, InstructionTuneConfig, {"instructions_uri", "backbone", "metrics"}),
     (train_e4srec, TrainE4SRecConfig, {"data", "sasrec", "llm_uri", "model", "metrics"}),
+    (deploy, DeployConfig, {"model", "data", "verdict", "metrics"}),
 ])
 def test_component_parameters_are_the_config_fields(func, config, artifacts) -> None:  # noqa: ANN001
     renamed = {"backbone_spec": "backbone"}  # `backbone` is the component's output artifact
@@ -48,6 +51,10 @@ def test_pipeline_defaults_match_the_stage_configs() -> None:
         tune.backbone, tune.dtype, tune.quantization)
     for name in ("max_examples", "epochs", "batch_size", "lr"):
         assert params[f"instruct_{name}"][1] == getattr(tune, name), name
+    gate = DeployConfig()
+    assert (params["gate_metric"][1], params["gate_min_margin"][1], params["when_no_champion"][1],
+            params["force_promote"][1], params["registered_model"][1]) == (
+        gate.metric, gate.min_margin, gate.when_no_champion, gate.force_promote, gate.registered_model)
     e4srec = TrainE4SRecConfig()
     for name in ("epochs", "batch_size", "lr", "max_examples", "eval_users"):
         assert params[f"e4srec_{name}"][1] == getattr(e4srec, name), name

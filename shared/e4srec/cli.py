@@ -86,6 +86,52 @@ def cmd_extend_items(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from e4srec.stages import deploy as stage
+
+    config = cfg.from_namespace(stage.DeployConfig, args)
+    _, verdict = stage.run_tracked(config, args.model, args.data, args.output, apply=args.apply,
+                                   overwrite=args.overwrite, experiment=args.experiment)
+    name, version = verdict["registered_model"], verdict["challenger_version"]
+    print(f"registered {name} version {version} (alias challenger)")
+    print(f"verdict: {'promote' if verdict['promote'] else 'hold'}: {verdict['reason']}")
+    if verdict["promote"] and args.apply:
+        print(f"champion -> version {version}; serve it with:")
+        print(f"  mlflow models serve -m models:/{name}@champion --env-manager local -h 127.0.0.1 -p 5001")
+    return 0
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    from e4srec import registry
+
+    if args.history:
+        for move in registry.alias_history(args.name):
+            print(registry.describe(move))
+        return 0
+    move = registry.promote(args.name, to_version=args.version, rollback=args.rollback, force=args.force)
+    print(f"{args.name}: {registry.describe(move)}")
+    return 0
+
+
+def cmd_recommend(args: argparse.Namespace) -> int:
+    if str(args.model).startswith("models:/"):
+        import mlflow
+        import pandas as pd
+
+        frame = mlflow.pyfunc.load_model(str(args.model)).predict(pd.DataFrame({"history": [args.history], "k": [args.k]}))
+        row = frame.iloc[0]
+        items, scores, unknown = list(row["items"]), list(row["scores"]), list(row["unknown_items"])
+    else:
+        from e4srec.recommend import Recommender
+
+        result = Recommender(args.model).recommend([args.history], args.k)[0]
+        items, scores, unknown = result.items, result.scores, result.unknown_items
+    if unknown:
+        print(f"warning: unknown item ids dropped: {' '.join(unknown)}", file=sys.stderr)
+    print(json.dumps({"items": items, "scores": scores, "unknown_items": unknown}))
+    return 0
+
+
 def cmd_backbones(args: argparse.Namespace) -> int:
     from e4srec import backbones
 
@@ -136,6 +182,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The `e4srec` argument parser (also used to document the CLI)."""
+    from e4srec.stages.deploy import DeployConfig
     from e4srec.stages.instruction_tune import InstructionTuneConfig
     from e4srec.stages.prepare_data import PrepareDataConfig
     from e4srec.stages.pretrain_sasrec import PretrainSasrecConfig
@@ -194,6 +241,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, type=Path, help="output folder (a copy of the model, extended)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output folder")
     p.set_defaults(func=cmd_extend_items)
+
+    p = sub.add_parser("deploy", help="register the model in MLflow as the challenger and judge it",
+                       description="Log the E4SRec model as an MLflow pyfunc, register a version (alias "
+                                   "challenger), compare it with the champion on the same test users, and (unless "
+                                   "--no-apply) move champion when it wins.")
+    p.add_argument("--model", required=True, type=Path, help="train-e4srec output folder")
+    p.add_argument("--data", required=True, type=Path, help="prepare-data output folder (the gate's test split)")
+    p.add_argument("--output", required=True, type=Path, help="output folder for verdict.json")
+    cfg.add_arguments(p, DeployConfig)
+    p.add_argument("--apply", action=argparse.BooleanOptionalAction, default=True,
+                   help="move champion when the verdict says promote (default: on)")
+    p.add_argument("--experiment", default="e4srec", help="MLflow experiment name (default: e4srec)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output folder")
+    p.set_defaults(func=cmd_deploy)
+
+    p = sub.add_parser("promote", help="move the champion alias (or --rollback, or show --history)",
+                       description="Move `champion` to a version or the current challenger; --rollback returns to "
+                                   "the previous champion. Refuses a version with another item map unless --force.")
+    p.add_argument("name", help="registered model name, e.g. e4srec-Beauty")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--version", help="version to promote (default: the current challenger)")
+    g.add_argument("--rollback", action="store_true", help="back to the champion before the current one")
+    g.add_argument("--history", action="store_true", help="print every recorded alias move and exit")
+    p.add_argument("--force", action="store_true", help="promote even when the item maps differ")
+    p.set_defaults(func=cmd_promote)
+
+    p = sub.add_parser("recommend", help="top-k items for a history of original item ids",
+                       description="Score with a train-e4srec folder or a registered model "
+                                   "(models:/NAME@champion); unknown ids are dropped and reported.")
+    p.add_argument("--model", required=True, help="train-e4srec output folder, or models:/NAME@ALIAS")
+    p.add_argument("--history", nargs="*", default=[], help="original item ids, oldest first")
+    p.add_argument("--k", type=int, default=10, help="how many items (default: 10)")
+    p.set_defaults(func=cmd_recommend)
 
     p = sub.add_parser("backbones", help="list the registered LLM backbone kinds",
                        description="Backbone specs: a registered name, or KIND:ARGUMENT for kinds that take one.")

@@ -63,12 +63,12 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def write_json(path: Path, obj: Any) -> None:
+def write_json(path: Path | str, obj: Any) -> None:
     """Indented, key-sorted JSON with a trailing newline (stable bytes for stable checksums)."""
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    Path(path).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def read_json(path: Path) -> Any:
+def read_json(path: Path | str) -> Any:
     """Read a JSON file, naming the file in the error when it is missing or malformed."""
     try:
         return json.loads(Path(path).read_text())

@@ -45,9 +45,9 @@ def run_local(input_path: Path | str, instructions: Path | str | None, pipeline_
     outputs = task.outputs
     sasrec = Path(outputs["sasrec"].path) if "sasrec" in outputs else None
     e4srec = Path(outputs["e4srec"].path) if "e4srec" in outputs else None
-    data = Path(outputs["data"].path)
-    if e4srec is None or not (e4srec / c.METRICS).is_file():
+    if sasrec is None or e4srec is None or not (e4srec / c.METRICS).is_file():
         raise E4SRecError(f"the pipeline failed; the failing task's log is above (task outputs under {root})")
+    data = Path(outputs["data"].path)
     print()
     e4srec_metrics = c.read_json(e4srec / c.METRICS)
     print(format_table({"SASRec": c.read_json(sasrec / c.METRICS), "E4SRec": e4srec_metrics}))
@@ -61,6 +61,24 @@ def run_local(input_path: Path | str, instructions: Path | str | None, pipeline_
     print(f"  SASRec model:    {sasrec}  (item_embeddings.safetensors, metrics.json, *.png)")
     print(f"  LLM backbone:    {outputs['backbone_uri']}  (backbone.json; adapter/ when instruction-tuned)")
     print(f"  E4SRec model:    {e4srec}  (adapter/, head_proj.safetensors, metrics.json, *.png)")
+    verdicts = sorted(sasrec.parent.parent.glob("deploy*/verdict/verdict.json"))
+    if verdicts:
+        verdict = c.read_json(verdicts[-1])
+        name = verdict["registered_model"]
+        print(f"Registry:          {name} version {verdict['challenger_version']} registered (alias challenger); "
+              f"gate: {'promote' if verdict['promote'] else 'hold'} ({verdict['reason']})")
+        from e4srec import registry
+
+        champion = registry.version_for(name, registry.CHAMPION)
+        if champion is not None:
+            bin_dir = Path(sys.executable).parent  # mlflow starts `uvicorn` by name: the venv must be on PATH
+            path = "" if shutil.which("uvicorn") else f"PATH={bin_dir}:$PATH "
+            print(f"  champion:        version {champion.version}; serve it with")
+            print(f"    {path}MLFLOW_TRACKING_URI={os.environ['MLFLOW_TRACKING_URI']} mlflow models serve "
+                  f"-m models:/{name}@champion --env-manager local -h 127.0.0.1 -p 5001")
+            print(f"    curl -s 127.0.0.1:5001/invocations -H 'Content-Type: application/json' "
+                  f"-d '{{\"dataframe_records\": [{{\"history\": [\"1\", \"2\"], \"k\": 5}}]}}'")
+            print(f"  or:              e4srec recommend --model models:/{name}@champion --history 1 2 --k 5")
     uri = os.environ["MLFLOW_TRACKING_URI"]
     beside = Path(sys.executable).parent / "mlflow"  # the venv's mlflow, when .venv is not activated
     mlflow_cmd = str(beside) if beside.exists() and not shutil.which("mlflow") else "mlflow"

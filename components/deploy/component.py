@@ -1,0 +1,76 @@
+"""KFP components `deploy` (register + verdict) and `promote-champion` (the alias move under dsl.If)."""
+
+# No `from __future__ import annotations`: KFP reads the real annotation objects.
+from kfp import dsl
+from kfp.dsl import Artifact, Dataset, Input, Metrics, Model, Output
+
+from e4srec.images import CPU_IMAGE
+
+
+def deploy(
+    model: Input[Model],
+    data: Input[Dataset],
+    verdict: Output[Artifact],
+    metrics: Output[Metrics],
+    registered_model: str = "",
+    metric: str = "test/full/NDCG@10",
+    min_margin: float = 0.0,
+    when_no_champion: str = "promote",
+    force_promote: bool = False,
+    eval_users: int = 0,
+    eval_batch_size: int = 64,
+    seed: int = 42,
+    device: str = "auto",
+    tracking: bool = True,
+    experiment: str = "e4srec",
+    pipeline_run_id: str = "",
+    pipeline_run_name: str = "",
+) -> bool:
+    """Register the model as the challenger and judge it against the champion; returns the verdict.
+
+    The alias move is `promote_champion`, which the pipeline runs under dsl.If on this output (one
+    unnamed output: kfp.local resolves conditions on `Output` but not on named outputs). With tracking
+    off there is no registry: nothing is registered and the verdict is "hold".
+    """
+    from e4srec import contracts
+    from e4srec.kfp_artifacts import publish_metrics
+    from e4srec.stages import deploy as stage
+
+    if not tracking:
+        import os
+
+        os.makedirs(verdict.path, exist_ok=True)
+        contracts.write_json(f"{verdict.path}/{stage.VERDICT}", {"promote": False, "reason": "tracking is off"})
+        publish_metrics(metrics, {"deploy/promote": 0.0})
+        return False
+
+    config = stage.DeployConfig(registered_model=registered_model, metric=metric, min_margin=min_margin,
+                                when_no_champion=when_no_champion, force_promote=force_promote,
+                                eval_users=eval_users, eval_batch_size=eval_batch_size, seed=seed, device=device)
+    values, result = stage.run_tracked(config, model.path, data.path, verdict.path, apply=False,
+                                       experiment=experiment, pipeline_run_id=pipeline_run_id,
+                                       pipeline_run_name=pipeline_run_name)
+    verdict.metadata.update({k: v for k, v in result.items() if v is not None})
+    publish_metrics(metrics, values)
+    return bool(result["promote"])
+
+
+def promote_champion(verdict: Input[Artifact], pipeline_run_name: str = "") -> str:
+    """Point `champion` at the version the gate approved (read from its verdict), recording the move."""
+    import os
+
+    from e4srec import contracts, registry
+    from e4srec.stages import deploy as stage
+
+    decision = contracts.read_json(f"{verdict.path}/{stage.VERDICT}")
+    os.environ.setdefault("E4SREC_ACTOR", f"kfp:{pipeline_run_name}" if pipeline_run_name else "kfp")
+    move = registry.move_alias(decision["registered_model"], registry.CHAMPION, decision["challenger_version"],
+                               decision["reason"], {decision["metric"]: decision["challenger_value"]})
+    print(registry.describe(move))
+    return move["to"]
+
+
+def build(image: str = CPU_IMAGE) -> tuple:
+    """(deploy, promote_champion) running in `image`."""
+    return (dsl.component(deploy, base_image=image, install_kfp_package=False),
+            dsl.component(promote_champion, base_image=image, install_kfp_package=False))

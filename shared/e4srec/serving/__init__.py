@@ -1,0 +1,1 @@
+"""MLflow packaging of a trained E4SRec model."""

@@ -62,8 +62,8 @@ def run_local(input_path: Path | str, instructions: Path | str | None, pipeline_
     print(f"  LLM backbone:    {outputs['backbone_uri']}  (backbone.json; adapter/ when instruction-tuned)")
     print(f"  E4SRec model:    {e4srec}  (adapter/, head_proj.safetensors, metrics.json, *.png)")
     verdicts = sorted(sasrec.parent.parent.glob("deploy*/verdict/verdict.json"))
-    if verdicts:
-        verdict = c.read_json(verdicts[-1])
+    verdict = c.read_json(verdicts[-1]) if verdicts else {}
+    if "registered_model" in verdict:  # absent when tracking was off: nothing was registered
         name = verdict["registered_model"]
         print(f"Registry:          {name} version {verdict['challenger_version']} registered (alias challenger); "
               f"gate: {'promote' if verdict['promote'] else 'hold'} ({verdict['reason']})")

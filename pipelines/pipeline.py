@@ -12,10 +12,12 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from e4srec.images import CPU_IMAGE
+from e4srec_components.batch_recommend import component as batch_recommend_component
 from e4srec_components.deploy import component as deploy_component
 from e4srec_components.instruction_tune import component as instruction_tune_component
 from e4srec_components.prepare_data import component as prepare_data_component
 from e4srec_components.pretrain_sasrec import component as pretrain_sasrec_component
+from e4srec_components.report import component as report_component
 from e4srec_components.train_e4srec import component as train_e4srec_component
 from kfp import compiler, dsl
 
@@ -34,6 +36,8 @@ def create_pipeline(*, image: str = CPU_IMAGE, name: str = PIPELINE_NAME) -> dsl
     instruction_tune = instruction_tune_component.build(image)
     train_e4srec = train_e4srec_component.build(image)
     deploy, promote_champion = deploy_component.build(image)
+    batch_recommend = batch_recommend_component.build(image)
+    report = report_component.build(image)
 
     class Outputs(NamedTuple):
         data: dsl.Dataset
@@ -75,6 +79,7 @@ def create_pipeline(*, image: str = CPU_IMAGE, name: str = PIPELINE_NAME) -> dsl
         gate_min_margin: float = 0.0,
         when_no_champion: str = "promote",
         force_promote: bool = False,
+        batch_recommend_k: int = 0,
         device: str = "auto",
         tracking: bool = True,
         experiment: str = "e4srec",
@@ -115,6 +120,7 @@ def create_pipeline(*, image: str = CPU_IMAGE, name: str = PIPELINE_NAME) -> dsl
             gate_min_margin: the challenger must beat the champion by at least this much.
             when_no_champion: promote or hold when the registered model has no champion yet.
             force_promote: make the new version champion whatever the gate says.
+            batch_recommend_k: write the top-k items of every user (Parquet) with this k; 0 skips it.
             device: cpu, cuda, cuda:N or auto for the training stages.
             tracking: log every stage to MLflow (one parent run, a nested run per stage); off also skips
                 deploy, which needs the registry.
@@ -158,6 +164,13 @@ def create_pipeline(*, image: str = CPU_IMAGE, name: str = PIPELINE_NAME) -> dsl
         with dsl.If(gate.outputs["Output"] == True):  # noqa: E712 (the gate, visible in the DAG)
             promote_champion(verdict=gate.outputs["verdict"], pipeline_run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER
                              ).set_display_name("promote-champion")
+        with dsl.If(batch_recommend_k > 0):
+            batch_recommend(model=e4srec.outputs["model"], data=data.outputs["data"], k=batch_recommend_k,
+                            device=device, tracking=tracking, experiment=experiment, **run_ids
+                            ).set_display_name("batch-recommend")
+        report(data=data.outputs["data"], sasrec=sasrec.outputs["model"], e4srec=e4srec.outputs["model"],
+               verdict=gate.outputs["verdict"], tracking=tracking, experiment=experiment, **run_ids
+               ).set_display_name("report")
         return Outputs(data=data.outputs["data"], sasrec=sasrec.outputs["model"], backbone_uri=llm_uri,
                        e4srec=e4srec.outputs["model"])
 

@@ -6,11 +6,13 @@ import dataclasses
 import inspect
 
 import pytest
+from e4srec.stages.batch_recommend import BatchRecommendConfig
 from e4srec.stages.deploy import DeployConfig
 from e4srec.stages.instruction_tune import InstructionTuneConfig
 from e4srec.stages.prepare_data import PrepareDataConfig
 from e4srec.stages.pretrain_sasrec import PretrainSasrecConfig
 from e4srec.stages.train_e4srec import TrainE4SRecConfig
+from e4srec_components.batch_recommend.component import batch_recommend
 from e4srec_components.deploy.component import deploy
 from e4srec_components.instruction_tune.component import instruction_tune
 from e4srec_components.prepare_data.component import prepare_data
@@ -27,6 +29,7 @@ TRACKING = {"tracking", "experiment", "pipeline_run_id", "pipeline_run_name"}
     (instruction_tune, InstructionTuneConfig, {"instructions_uri", "backbone", "metrics"}),
     (train_e4srec, TrainE4SRecConfig, {"data", "sasrec", "llm_uri", "model", "metrics"}),
     (deploy, DeployConfig, {"model", "data", "verdict", "metrics"}),
+    (batch_recommend, BatchRecommendConfig, {"model", "data", "recommendations", "metrics"}),
 ])
 def test_component_parameters_are_the_config_fields(func, config, artifacts) -> None:  # noqa: ANN001
     renamed = {"backbone_spec": "backbone"}  # `backbone` is the component's output artifact

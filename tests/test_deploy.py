@@ -5,12 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-from helpers import DATA, e4srec, write_slice
 from e4srec import contracts as c
 from e4srec import registry
 from e4srec.stages import prepare_data, pretrain_sasrec
 from e4srec.stages import train_e4srec as stage
+from helpers import DATA, e4srec, write_slice
 
 NAME = "e4srec-beauty_800"
 # Full-ranking NDCG of a tiny random backbone over 800 users is too noisy to order models reliably;

@@ -19,7 +19,7 @@ def test_committed_pipeline_yaml_is_in_sync(tmp_path: Path) -> None:
 def test_compiled_pipeline_shape() -> None:
     spec = yaml.safe_load((REPO / "pipeline.yaml").read_text())
     tasks = spec["root"]["dag"]["tasks"]
-    assert {"prepare-data", "pretrain-sasrec", "condition-branches-1", "train-e4srec", "deploy"} <= set(tasks)
+    assert {"prepare-data", "pretrain-sasrec", "condition-branches-1", "train-e4srec", "deploy", "report"} <= set(tasks)
     promote = [t for name, t in tasks.items() if name.startswith("condition-") and "triggerPolicy" in t]
     assert any("deploy-Output" in t["triggerPolicy"]["condition"] for t in promote)  # the gate is in the DAG
     assert set(tasks["train-e4srec"]["dependentTasks"]) == {"prepare-data", "pretrain-sasrec", "condition-branches-1"}
@@ -62,7 +62,11 @@ def test_local_run_of_the_pipeline(tmp_path: Path, beauty_slice: Path) -> None:
     parent = parents.iloc[0]
     children = runs[runs["tags.mlflow.parentRunId"] == parent["run_id"]]
     assert sorted(children["tags.e4srec.stage"]) == ["deploy", "instruction-tune", "prepare-data",
-                                                     "pretrain-sasrec", "train-e4srec"]
+                                                     "pretrain-sasrec", "report", "train-e4srec"]
+    report = children[children["tags.e4srec.stage"] == "report"].iloc[0]
+    pages = {a.path for a in mlflow.MlflowClient().list_artifacts(report["run_id"], "report")}
+    assert "report/report.html" in pages
+    assert (run_dir / "report" / "report" / "report.html").is_file() and "run report:" in result.stdout
     trained = c.read_json(run_dir / "train-e4srec" / "model" / "config.json")
     assert trained["llm"]["backbone"] == "tiny" and trained["instruct_adapter"] == "instruct_adapter"
     assert "E4SRec        test   full" in result.stdout

@@ -14,13 +14,12 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
-from helpers import e4srec
-from test_e4srec_resilience import free_port
 from e4srec import contracts as c
 from e4srec.recommend import Recommender
 from e4srec.stages import deploy
 from e4srec.stages import train_e4srec as stage
+from helpers import e4srec
+from test_e4srec_resilience import free_port
 
 
 @pytest.fixture(scope="module")

@@ -1,10 +1,9 @@
 """KFP components `deploy` (register + verdict) and `promote-champion` (the alias move under dsl.If)."""
 
 # No `from __future__ import annotations`: KFP reads the real annotation objects.
+from e4srec.images import CPU_IMAGE
 from kfp import dsl
 from kfp.dsl import Artifact, Dataset, Input, Metrics, Model, Output
-
-from e4srec.images import CPU_IMAGE
 
 
 def deploy(

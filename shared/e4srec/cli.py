@@ -132,6 +132,25 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_batch_recommend(args: argparse.Namespace) -> int:
+    from e4srec.stages import batch_recommend as stage
+
+    config = cfg.from_namespace(stage.BatchRecommendConfig, args)
+    metrics = stage.run_tracked(config, args.model, args.data, args.output, overwrite=args.overwrite,
+                                tracking=args.tracking, experiment=args.experiment)
+    print(f"{int(metrics['batch/users']):,} users, {metrics['batch/users_per_second']:.1f} users/s; wrote {args.output}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from e4srec.stages import report as stage
+
+    stage.run_tracked(args.data, args.sasrec, args.e4srec, args.output, verdict_dir=args.verdict,
+                      overwrite=args.overwrite, tracking=args.tracking, experiment=args.experiment)
+    print(f"wrote {Path(args.output) / stage.PAGE}")
+    return 0
+
+
 def cmd_backbones(args: argparse.Namespace) -> int:
     from e4srec import backbones
 
@@ -182,6 +201,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The `e4srec` argument parser (also used to document the CLI)."""
+    from e4srec.stages.batch_recommend import BatchRecommendConfig
     from e4srec.stages.deploy import DeployConfig
     from e4srec.stages.instruction_tune import InstructionTuneConfig
     from e4srec.stages.prepare_data import PrepareDataConfig
@@ -274,6 +294,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--history", nargs="*", default=[], help="original item ids, oldest first")
     p.add_argument("--k", type=int, default=10, help="how many items (default: 10)")
     p.set_defaults(func=cmd_recommend)
+
+    p = sub.add_parser("batch-recommend", help="top-k original item ids for every user, as Parquet",
+                       description="Score every user's whole sequence; write recommendations.parquet "
+                                   "(user_id, items, scores).")
+    p.add_argument("--model", required=True, type=Path, help="train-e4srec output folder")
+    p.add_argument("--data", required=True, type=Path, help="prepare-data output folder")
+    p.add_argument("--output", required=True, type=Path, help="output folder")
+    cfg.add_arguments(p, BatchRecommendConfig)
+    _tracking_args(p)
+    p.set_defaults(func=cmd_batch_recommend)
+
+    p = sub.add_parser("report", help="the run's HTML report",
+                       description="Metrics side by side (with published numbers), curves, by-length groups, "
+                                   "deploy verdict and alias history, as report.html with its PNGs.")
+    p.add_argument("--data", required=True, type=Path, help="prepare-data output folder")
+    p.add_argument("--sasrec", required=True, type=Path, help="pretrain-sasrec output folder")
+    p.add_argument("--e4srec", required=True, type=Path, help="train-e4srec output folder")
+    p.add_argument("--verdict", type=Path, help="deploy output folder (verdict.json)")
+    p.add_argument("--output", required=True, type=Path, help="output folder")
+    _tracking_args(p)
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("backbones", help="list the registered LLM backbone kinds",
                        description="Backbone specs: a registered name, or KIND:ARGUMENT for kinds that take one.")

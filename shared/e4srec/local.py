@@ -61,6 +61,8 @@ def run_local(input_path: Path | str, instructions: Path | str | None, pipeline_
     print(f"  SASRec model:    {sasrec}  (item_embeddings.safetensors, metrics.json, *.png)")
     print(f"  LLM backbone:    {outputs['backbone_uri']}  (backbone.json; adapter/ when instruction-tuned)")
     print(f"  E4SRec model:    {e4srec}  (adapter/, head_proj.safetensors, metrics.json, *.png)")
+    for page in sorted(sasrec.parent.parent.glob("report*/report/report.html")):
+        print(f"  run report:      {page}")
     verdicts = sorted(sasrec.parent.parent.glob("deploy*/verdict/verdict.json"))
     verdict = c.read_json(verdicts[-1]) if verdicts else {}
     if "registered_model" in verdict:  # absent when tracking was off: nothing was registered
@@ -76,8 +78,8 @@ def run_local(input_path: Path | str, instructions: Path | str | None, pipeline_
             print(f"  champion:        version {champion.version}; serve it with")
             print(f"    {path}MLFLOW_TRACKING_URI={os.environ['MLFLOW_TRACKING_URI']} mlflow models serve "
                   f"-m models:/{name}@champion --env-manager local -h 127.0.0.1 -p 5001")
-            print(f"    curl -s 127.0.0.1:5001/invocations -H 'Content-Type: application/json' "
-                  f"-d '{{\"dataframe_records\": [{{\"history\": [\"1\", \"2\"], \"k\": 5}}]}}'")
+            print("    curl -s 127.0.0.1:5001/invocations -H 'Content-Type: application/json' "
+                  "-d '{\"dataframe_records\": [{\"history\": [\"1\", \"2\"], \"k\": 5}]}'")
             print(f"  or:              e4srec recommend --model models:/{name}@champion --history 1 2 --k 5")
     uri = os.environ["MLFLOW_TRACKING_URI"]
     beside = Path(sys.executable).parent / "mlflow"  # the venv's mlflow, when .venv is not activated

@@ -1,0 +1,83 @@
+"""Stage batch-recommend: top-k original item ids for every user of a dataset, as Parquet.
+
+Output folder: recommendations.parquet (user_id, items list<string>, scores list<float>), metrics.json.
+Each user's whole sequence (everything known about them) is the query, cut to the model's
+max_len; the history's own items are never recommended.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from e4srec import config as cfg
+from e4srec import contracts as c
+from e4srec.errors import E4SRecError
+from e4srec.outputs import staged_output
+from e4srec.progress import progress as progress_bar
+from e4srec.recommend import Recommender
+from e4srec.tracking import Tracker, stage_run
+
+STAGE = "batch-recommend"
+OUTPUT = "recommendations.parquet"
+
+
+@dataclass
+class BatchRecommendConfig:
+    """Settings of batch-recommend."""
+
+    k: int = cfg.option(10, "items per user")
+    batch_size: int = cfg.option(64, "users per scoring batch")
+    max_users: int = cfg.option(0, "only the first N users (0: all)")
+    device: str = cfg.option("auto", "cpu, cuda, cuda:N or auto")
+
+    def __post_init__(self) -> None:
+        for name in ("k", "batch_size"):
+            cfg.require(getattr(self, name) >= 1, self, name, "must be >= 1")
+        cfg.require(self.max_users >= 0, self, "max_users", "must be >= 0")
+
+
+def run(config: BatchRecommendConfig, model_dir: Path | str, data_dir: Path | str, output: Path | str, *,
+        overwrite: bool = False, tracker: Tracker | None = None, progress: bool = True) -> dict[str, float]:
+    """Write top-k recommendations for the users of `data_dir` with the model in `model_dir`."""
+    from e4srec.device import resolve_device
+
+    tracker = tracker or Tracker(None)
+    data = c.load_sequence_data(data_dir)
+    meta = c.read_json(Path(model_dir) / "config.json")
+    if meta.get("item_map_sha256") != data.item_map_sha256 and "extended_from" not in meta:
+        raise E4SRecError(f"{model_dir}: trained on another item map than {data_dir}; recommend for its own data")
+    recommender = Recommender(model_dir, str(resolve_device(config.device)))
+    n = min(data.n_users, config.max_users or data.n_users)
+    t0 = time.perf_counter()
+    users, items, scores = [], [], []
+    for s in progress_bar(range(0, n, config.batch_size), desc=STAGE, unit="batch", disable=not progress):
+        rows = range(s, min(s + config.batch_size, n))
+        histories = [[str(data.item_ids[i]) for i in data.sequence(u)] for u in rows]
+        for u, rec in zip(rows, recommender.recommend(histories, config.k, batch_size=config.batch_size)):
+            users.append(str(data.user_ids[u]))
+            items.append(rec.items)
+            scores.append(rec.scores)
+    seconds = time.perf_counter() - t0
+    metrics = {"batch/users": float(n), "batch/seconds": seconds, "batch/users_per_second": n / max(seconds, 1e-9)}
+    with staged_output(output, overwrite) as out:
+        pq.write_table(pa.table({"user_id": pa.array(users, pa.string()),
+                                 "items": pa.array(items, pa.list_(pa.string())),
+                                 "scores": pa.array(scores, pa.list_(pa.float32()))}), out / OUTPUT)
+        c.write_json(out / c.METRICS, metrics)
+        tracker.log_params(cfg.to_dict(config))
+        tracker.log_metrics(metrics)
+    return metrics
+
+
+def run_tracked(config: BatchRecommendConfig, model_dir: Path | str, data_dir: Path | str, output: Path | str, *,
+                overwrite: bool = False, tracking: bool = True, experiment: str = "e4srec",
+                pipeline_run_id: str = "", pipeline_run_name: str = "") -> dict[str, float]:
+    """`run` inside the stage's MLflow run."""
+    with stage_run(STAGE, enabled=tracking, experiment=experiment, pipeline_run_id=pipeline_run_id,
+                   pipeline_run_name=pipeline_run_name) as tracker:
+        return run(config, model_dir, data_dir, output, overwrite=overwrite, tracker=tracker)

@@ -1,0 +1,167 @@
+"""Stage report: one HTML page (plus PNGs) that says how the run went.
+
+Sections: the metrics of every model side by side (SASRec and E4SRec, full and sampled, with the
+published numbers for the dataset where the paper has some), the training curves, the metrics by
+history length, and the deploy verdict with the registry's alias history. The page embeds its images,
+so the single file can be mailed or opened from MLflow; the PNGs are saved beside it too.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from e4srec import contracts as c
+from e4srec import published
+from e4srec.evaluate import METRICS, PROTOCOLS
+from e4srec.outputs import staged_output
+from e4srec.tracking import Tracker, stage_run
+
+STAGE = "report"
+PAGE = "report.html"
+CSS = """
+body{font:14px/1.45 system-ui,-apple-system,Segoe UI,sans-serif;margin:2em auto;max-width:1100px;color:#222}
+h1{font-size:1.6em;margin-bottom:.2em} h2{font-size:1.2em;margin-top:1.8em;border-bottom:1px solid #ddd}
+table{border-collapse:collapse;margin:.6em 0} th,td{padding:.25em .7em;text-align:right;border-bottom:1px solid #eee}
+th:first-child,td:first-child,th:nth-child(2),td:nth-child(2){text-align:left}
+tr.published td{color:#666;font-style:italic} .muted{color:#666} img{max-width:100%}
+.verdict{padding:.6em 1em;border-radius:6px;display:inline-block}
+.promote{background:#e6f4ea;border:1px solid #9ad0a5} .hold{background:#fdf2e2;border:1px solid #f0c67a}
+"""
+
+
+def _png(fig: Any, out: Path, name: str) -> str:
+    """Save the figure as PNG beside the page and return an <img> with it embedded."""
+    from e4srec.plots import plt
+
+    fig.savefig(out / name, dpi=110, bbox_inches="tight")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return f'<img alt="{name}" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
+
+
+def _table(rows: dict[str, dict[str, float]], splits: tuple[str, ...] = ("valid", "test")) -> str:
+    head = "".join(f"<th>{m}</th>" for m in METRICS)
+    body = []
+    for name, metrics in rows.items():
+        cls = ' class="published"' if "paper" in name or "S3-Rec" in name else ""
+        for split in splits:
+            for protocol in PROTOCOLS:
+                keys = [f"{split}/{protocol}/{m}" for m in METRICS]
+                if not any(k in metrics for k in keys):
+                    continue
+                cells = "".join(f"<td>{metrics[k]:.4f}</td>" if k in metrics else "<td>–</td>" for k in keys)
+                body.append(f"<tr{cls}><td>{html.escape(name)}</td><td>{split} / {protocol}</td>{cells}</tr>")
+    return f"<table><tr><th>model</th><th>split / protocol</th>{head}</tr>{''.join(body)}</table>"
+
+
+def _comparison(rows: dict[str, dict[str, float]]) -> Any:
+    from e4srec.plots import plt
+
+    keys = ["test/full/HR@10", "test/full/NDCG@10", "test/sampled/HR@10", "test/sampled/NDCG@10"]
+    fig, axes = plt.subplots(1, 4, figsize=(14, 3.3))
+    colors = ["#4C72B0", "#DD8452", "#8C8C8C", "#B0B0B0", "#CCCCCC"]
+    for ax, key in zip(axes, keys):
+        names = [n for n in rows if key in rows[n]]
+        ax.bar(range(len(names)), [rows[n][key] for n in names], color=colors[: len(names)])
+        ax.set_xticks(range(len(names)), [n.replace(" (", "\n(") for n in names], fontsize=7)
+        ax.set_title(key.replace("test/", ""))
+    fig.tight_layout()
+    return fig
+
+
+def _by_length(groups: dict[str, dict[str, dict[str, float]]], metric: str = "NDCG@10") -> Any:
+    from e4srec.plots import plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 3.4))
+    for ax, protocol in zip(axes, PROTOCOLS):
+        labels = list(next(iter(groups.values()))[protocol])
+        width = 0.8 / len(groups)
+        for i, (name, g) in enumerate(groups.items()):
+            ax.bar([x + i * width for x in range(len(labels))], [g[protocol][lab][metric] for lab in labels],
+                   width=width, label=name)
+        users = next(iter(groups.values()))[protocol]
+        ax.set_xticks([x + width * (len(groups) - 1) / 2 for x in range(len(labels))],
+                      [f"{lab}\n({users[lab]['users']:,})" for lab in labels], fontsize=8)
+        ax.set(title=f"test, {protocol} ranking", ylabel=metric, xlabel="history length (users)")
+        ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def run(data_dir: Path | str, sasrec_dir: Path | str, e4srec_dir: Path | str, output: Path | str, *,
+        verdict_dir: Path | str | None = None, overwrite: bool = False, tracker: Tracker | None = None,
+        title: str = "") -> dict[str, float]:
+    """Write report.html and its PNGs into `output`."""
+    from e4srec import plots
+
+    tracker = tracker or Tracker(None)
+    sasrec_dir, e4srec_dir = Path(sasrec_dir), Path(e4srec_dir)
+    manifest = c.read_json(Path(data_dir) / c.MANIFEST)
+    sasrec, e4srec = c.read_json(sasrec_dir / c.METRICS), c.read_json(e4srec_dir / c.METRICS)
+    rows = {"SASRec": sasrec, "E4SRec": e4srec} | published.for_dataset(manifest["input"]["name"])
+    verdict_path = Path(verdict_dir) / "verdict.json" if verdict_dir else None
+    verdict = c.read_json(verdict_path) if verdict_path and verdict_path.is_file() else {}
+    sections = []
+    with staged_output(output, overwrite) as out:
+        dataset = html.escape(manifest["input"]["name"])
+        sections.append(f"<h1>{html.escape(title or 'E4SRec run report')}</h1><p class=muted>{dataset}: "
+                        f"{manifest['n_users']:,} users, {manifest['n_items']:,} items, "
+                        f"{manifest['n_interactions']:,} interactions; leave-one-out, histories cut to "
+                        f"{manifest['max_len']}; {time.strftime('%Y-%m-%d %H:%M')}</p>")
+        note = ""
+        if e4srec.get("eval/users", manifest["n_users"]) < manifest["n_users"]:
+            note = (f"<p class=muted>E4SRec was evaluated on {int(e4srec['eval/users']):,} of "
+                    f"{manifest['n_users']:,} users (seeded sample) and trained on "
+                    f"{int(e4srec.get('train/examples', 0)):,} examples; SASRec on all users.</p>")
+        published_note = ("<p class=muted>Grey rows: published numbers for this dataset.</p>"
+                          if len(rows) > 2 else "<p class=muted>No published numbers recorded for this dataset.</p>")
+        sections.append(f"<h2>Metrics</h2>{note}{_table(rows)}{published_note}"
+                        f"{_png(_comparison(rows), out, 'metrics_comparison.png')}")
+        sasrec_log = json.loads((sasrec_dir / "training_log.json").read_text())
+        e4srec_log = json.loads((e4srec_dir / "training_log.json").read_text())
+        curves = _png(plots.training_curves(sasrec_log), out, "sasrec_training.png")
+        if e4srec_log:
+            curves += _png(plots.step_curves(e4srec_log), out, "e4srec_training.png")
+        sections.append(f"<h2>Training</h2><p>SASRec (per epoch) and E4SRec (per optimizer step).</p>{curves}")
+        groups = {"SASRec": c.read_json(sasrec_dir / "metrics_by_length.json")["test"],
+                  "E4SRec": c.read_json(e4srec_dir / "metrics_by_length.json")["test"]}
+        sections.append(f"<h2>By history length</h2><p>Test NDCG@10 by the number of items before the target "
+                        f"(the E4SRec paper's Fig. 4); user counts under the groups.</p>"
+                        f"{_png(_by_length(groups), out, 'metrics_by_length.png')}")
+        if verdict.get("registered_model"):
+            cls = "promote" if verdict["promote"] else "hold"
+            moves = ""
+            try:
+                from e4srec import registry
+
+                history = registry.alias_history(verdict["registered_model"])
+                moves = "".join(f"<tr><td>{html.escape(registry.describe(m))}</td></tr>" for m in history)
+            except Exception as e:  # noqa: BLE001 (the report must not fail on a registry hiccup)
+                moves = f"<tr><td>alias history unavailable: {html.escape(str(e))}</td></tr>"
+            sections.append(
+                f"<h2>Deploy</h2><p class='verdict {cls}'><b>{cls}</b>: {html.escape(verdict['reason'])}</p>"
+                f"<p>{html.escape(verdict['registered_model'])} version {verdict['challenger_version']} "
+                f"(alias challenger). Serve the champion: <code>mlflow models serve -m "
+                f"models:/{html.escape(verdict['registered_model'])}@champion --env-manager local</code></p>"
+                f"<table><tr><th>alias moves so far</th></tr>{moves}</table>")
+        (out / PAGE).write_text(f"<!doctype html><html><head><meta charset=utf-8><title>E4SRec report</title>"
+                                f"<style>{CSS}</style></head><body>{''.join(sections)}</body></html>\n")
+        tracker.log_artifacts(out, "report")
+    return {"report/models": float(len(rows))}
+
+
+def run_tracked(data_dir: Path | str, sasrec_dir: Path | str, e4srec_dir: Path | str, output: Path | str, *,
+                verdict_dir: Path | str | None = None, overwrite: bool = False, tracking: bool = True,
+                experiment: str = "e4srec", pipeline_run_id: str = "", pipeline_run_name: str = "") -> dict[str, float]:
+    """`run` inside the stage's MLflow run (the page is logged under artifacts/report)."""
+    with stage_run(STAGE, enabled=tracking, experiment=experiment, pipeline_run_id=pipeline_run_id,
+                   pipeline_run_name=pipeline_run_name) as tracker:
+        return run(data_dir, sasrec_dir, e4srec_dir, output, verdict_dir=verdict_dir, overwrite=overwrite,
+                   tracker=tracker, title=f"E4SRec run report: {pipeline_run_name}" if pipeline_run_name else "")

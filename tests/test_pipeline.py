@@ -35,7 +35,7 @@ def test_compiled_pipeline_shape() -> None:
         assert "pip install" not in " ".join(executor["container"]["command"])  # kfp and e4srec are in the image
 
 
-def test_local_run_of_the_pipeline(tmp_path: Path, beauty_slice: Path) -> None:
+def test_local_run_of_the_pipeline(tmp_path: Path, beauty_slice: Path, monkeypatch) -> None:  # noqa: ANN001
     db = tmp_path / "mlflow.db"
     result = e4srec(
         "run", "--input", beauty_slice, "--pipeline-root", tmp_path / "runs", "--sasrec-epochs", "2",
@@ -55,7 +55,8 @@ def test_local_run_of_the_pipeline(tmp_path: Path, beauty_slice: Path) -> None:
     assert backbone["backbone"] == "tiny" and backbone["adapter"] == "adapter"
     assert f"LLM backbone:    {run_dir / 'instruction-tune' / 'backbone'}" in result.stdout
 
-    mlflow.set_tracking_uri(f"sqlite:///{db}")
+    # the environment, not mlflow.set_tracking_uri: that one is process-global and would leak into later tests
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
     runs = mlflow.search_runs(experiment_names=["e4srec"])
     parents = runs[runs["tags.mlflow.parentRunId"].isna()]
     assert len(parents) == 1 and parents.iloc[0]["tags.kfp.run_name"].startswith("e4srec-")

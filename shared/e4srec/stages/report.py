@@ -18,7 +18,7 @@ from typing import Any
 
 from e4srec import contracts as c
 from e4srec import published
-from e4srec.evaluate import METRICS, PROTOCOLS
+from e4srec.evaluate import DEFAULT_LENGTH_EDGES, METRICS, PROTOCOLS, length_group_labels
 from e4srec.outputs import staged_output
 from e4srec.tracking import Tracker, stage_run
 
@@ -81,7 +81,10 @@ def _by_length(groups: dict[str, dict[str, dict[str, float]]], metric: str = "ND
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 3.4))
     for ax, protocol in zip(axes, PROTOCOLS):
-        labels = list(next(iter(groups.values()))[protocol])
+        present = next(iter(groups.values()))[protocol]
+        # JSON files keep keys sorted as strings ("10-19" before "5-9"): restore the numeric order
+        labels = [lab for lab in length_group_labels(DEFAULT_LENGTH_EDGES) if lab in present]
+        labels += [lab for lab in present if lab not in labels]
         width = 0.8 / len(groups)
         for i, (name, g) in enumerate(groups.items()):
             ax.bar([x + i * width for x in range(len(labels))], [g[protocol][lab][metric] for lab in labels],

@@ -10,14 +10,12 @@ weights memory and peak memory (CUDA) or RSS (CPU), and sequences per second. Im
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import resource
-import sys
 import time
 from pathlib import Path
 
 import torch
+from benchlib import command, emit, machine
 from e4srec.backbones import BackboneOptions, load_backbone
 
 
@@ -88,14 +86,11 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     rows = [measure(args.backbone, v, device, args.batch, args.seq, args.steps) for v in args.variants]
     result = {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "machine": {"node": platform.node(), "device": str(device), "torch": torch.__version__,
-                    "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None},
+        "command": command(),
+        "machine": machine(device),
         "backbone": args.backbone, "batch": args.batch, "seq": args.seq, "steps": args.steps, "results": rows,
     }
-    print(json.dumps(result, indent=2))
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    emit(result, args.json)
     return 0
 
 

@@ -13,14 +13,12 @@ not depend on its values. Imports no MLflow or KFP, so it runs on a bare GPU mac
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from benchlib import command, emit, machine
 from e4srec import contracts as c
 from e4srec.backbones import BackboneOptions, load_backbone
 from e4srec.evaluate import evaluate
@@ -95,10 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     sync()
     train_seconds = time.perf_counter() - t0
     result = {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "machine": {"node": platform.node(), "device": str(device), "torch": torch.__version__,
-                    "torch_threads": torch.get_num_threads(),
-                    "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None},
+        "command": command(),
+        "machine": machine(device),
         "backbone": args.backbone, "dtype": str(next(backbone.model.parameters()).dtype),
         "prefix_tokens": len(model.prefix_ids), "suffix_tokens": len(model.suffix_ids),
         "ranking": {"users": args.users, "batch": args.rank_batch, **ranking, "cache_speedup": round(speedup, 2)},
@@ -108,9 +104,7 @@ def main(argv: list[str] | None = None) -> int:
                      "epoch_estimate_seconds": round(len(targets) / (seen / train_seconds)),
                      "training_examples": len(targets)},
     }
-    print(json.dumps(result, indent=2))
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    emit(result, args.json)
     return 0
 
 

@@ -10,14 +10,12 @@ Prints one JSON object with the command, machine and numbers.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from benchlib import command, emit, machine
 from e4srec import contracts as c
 from e4srec.backbones import BackboneOptions, load_backbone
 from e4srec.stages import instruction_tune as stage
@@ -50,18 +48,15 @@ def main(argv: list[str] | None = None) -> int:
             diff = (mine.model(input_ids=ids).logits - plain(input_ids=ids).logits).abs().max().item()
         generations = c.read_json(out / "generations.json")
     result = {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "machine": {"node": platform.node(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-                    "device": args.device},
+        "command": command(),
+        "machine": machine(args.device),
         "config": dict(config.__dict__),
         "wall_seconds": round(wall, 1),
         "metrics": {k: round(v, 4) for k, v in metrics.items()},
         "reload_max_abs_logit_diff": diff,
         "generations": generations,
     }
-    print(json.dumps(result, indent=2))
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    emit(result, args.json)
     return 0
 
 

@@ -11,15 +11,11 @@ no MLflow or KFP, so it also runs on a bare GPU machine (--device cuda).
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
+from benchlib import command, emit, machine
 from e4srec import config as cfg
 from e4srec import contracts as c
 from e4srec.evaluate import evaluate
@@ -57,10 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     name = str(data.manifest["input"]["name"]).split(".")[0].split("_")[0]
     reference = REFERENCE.get((name, config.loss), {})
     result = {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "machine": {"node": platform.node(), "cpu_threads": torch.get_num_threads(), "device": str(device),
-                    "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None,
-                    "torch": torch.__version__, "os_cpus": os.cpu_count()},
+        "command": command(),
+        "machine": machine(device),
         "dataset": data.manifest["input"]["name"],
         "config": cfg.to_dict(config),
         "epochs_run": len(log),
@@ -72,11 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         "reference": reference,
         "meets_reference": {k: test[k] >= v for k, v in reference.items()},
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text + "\n")
+    emit(result, args.json)
     return 0
 
 

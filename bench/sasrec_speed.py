@@ -13,16 +13,14 @@ Prints seconds per epoch (median and all repeats) and the speed-up.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from benchlib import command, emit, machine
 from e4srec import contracts as c
 from e4srec.sasrec import SASRec, SASRecConfig
 from e4srec.stages import prepare_data, pretrain_sasrec
@@ -110,17 +108,6 @@ def our_epoch(model: SASRec, opt: torch.optim.Optimizer, batches: pretrain_sasre
     return time.perf_counter() - t0
 
 
-def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo where there is one."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", type=Path, default=Path("data/Beauty.txt"))
@@ -152,17 +139,14 @@ def main(argv: list[str] | None = None) -> int:
 
     base = statistics.median(times["plain PyTorch loop"])
     result = {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "machine": {"node": platform.node(), "processor": cpu_name(),
-                    "torch_threads": torch.get_num_threads(), "torch": torch.__version__},
+        "command": command(),
+        "machine": machine("cpu"),
         "dataset": args.dataset.name, "users": data.n_users, "repeats": args.repeats,
         "seconds_per_epoch": {k: {"median": round(statistics.median(v), 2), "all": [round(x, 2) for x in v]}
                               for k, v in times.items()},
         "speedup_vs_plain": {k: round(base / statistics.median(v), 2) for k, v in times.items()},
     }
-    print(json.dumps(result, indent=2))
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    emit(result, args.json)
     return 0
 
 

@@ -1,0 +1,45 @@
+"""What every benchmark here prints: the command, the machine, and the result as one JSON object."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo where there is one."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine(device: torch.device | str = "cpu") -> dict[str, Any]:
+    """Node, CPU, torch build and threads, and the GPU when the device is CUDA."""
+    device = torch.device(device)
+    return {"node": platform.node(), "cpu": cpu_name(), "os_cpus": os.cpu_count(), "device": str(device),
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
+
+
+def command() -> str:
+    """The command line as typed."""
+    return " ".join([Path(sys.executable).name, *sys.argv])
+
+
+def emit(result: dict[str, Any], path: Path | None) -> None:
+    """Print the result as JSON, and write it to `path` when given."""
+    text = json.dumps(result, indent=2)
+    print(text)
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(text + "\n")

@@ -40,8 +40,8 @@ def main(argv: list[str] | None = None) -> int:
         wall = time.perf_counter() - t0
         from peft import PeftModel
 
-        ids = torch.tensor([[1, 504, 1010, 3458, 28, 2]])
         mine, _ = stage.load_tuned_backbone(out)
+        ids = mine.tokenizer("Name three colors.", return_tensors="pt")["input_ids"]
         plain = PeftModel.from_pretrained(load_backbone(BackboneOptions(backbone=args.backbone)).model,
                                           str(out / "adapter"))
         with torch.no_grad():

@@ -41,3 +41,24 @@ def sasrec_dir(prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
     out = tmp_path_factory.mktemp("sasrec") / "model"
     pretrain_sasrec.run(pretrain_sasrec.PretrainSasrecConfig(epochs=3, device="cpu"), prepared, out, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+    """A SeaweedFS S3 server on 127.0.0.1 for the session, with its credentials in the environment."""
+    from e4srec import storage
+    from s3server import SeaweedFS
+
+    server = SeaweedFS(tmp_path_factory.mktemp("seaweedfs"))
+    server.start()
+    saved = {k: os.environ.get(k) for k in server.env()}
+    os.environ.update(server.env())
+    storage.client.cache_clear()
+    yield server
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    storage.client.cache_clear()

@@ -165,9 +165,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from e4srec.evaluate import evaluate
     from e4srec.outputs import staged_output
     from e4srec.stages import pretrain_sasrec
+    from e4srec.storage import fetch
 
-    data = c.load_sequence_data(args.data)
-    model = pretrain_sasrec.load_model(args.model, data)
+    data = c.load_sequence_data(fetch(args.data))
+    model = pretrain_sasrec.load_model(fetch(args.model), data)
     metrics: dict[str, float] = {}
     by_length = {}
     for split in c.SPLITS:
@@ -215,8 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prepare-data", help="ingest, validate, split, sample negatives",
                        description="Read an S3-Rec text file or an interactions table and write "
                                    "sequences.parquet, item_map.parquet, negatives.parquet, manifest.json.")
-    p.add_argument("--input", required=True, type=Path, help="S3-Rec .txt file or interactions .parquet/.csv/.tsv")
-    p.add_argument("--output", required=True, type=Path, help="output folder")
+    p.add_argument("--input", required=True, type=str, help="S3-Rec .txt file or interactions .parquet/.csv/.tsv")
+    p.add_argument("--output", required=True, type=str, help="output folder")
     cfg.add_arguments(p, PrepareDataConfig)
     _tracking_args(p)
     p.set_defaults(func=cmd_prepare_data)
@@ -224,8 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pretrain-sasrec", help="train SASRec, export item embeddings",
                        description="Train SASRec on a prepare-data output with early stopping on validation "
                                    "NDCG@10; write weights, item embeddings, item map and metrics.")
-    p.add_argument("--data", required=True, type=Path, help="prepare-data output folder")
-    p.add_argument("--output", required=True, type=Path, help="output folder")
+    p.add_argument("--data", required=True, type=str, help="prepare-data output folder")
+    p.add_argument("--output", required=True, type=str, help="output folder")
     cfg.add_arguments(p, PretrainSasrecConfig)
     _tracking_args(p)
     p.set_defaults(func=cmd_pretrain_sasrec)
@@ -233,8 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("instruction-tune", help="LoRA instruction tuning of the LLM backbone (or --skip)",
                        description="LoRA SFT on Alpaca-format data with the loss on response tokens; writes a "
                                    "PEFT adapter and backbone.json. --skip passes the base through.")
-    p.add_argument("--instructions", type=Path, help="Alpaca JSON, JSONL or Parquet (not needed with --skip)")
-    p.add_argument("--output", required=True, type=Path, help="output folder")
+    p.add_argument("--instructions", type=str, help="Alpaca JSON, JSONL or Parquet (not needed with --skip)")
+    p.add_argument("--output", required=True, type=str, help="output folder")
     cfg.add_arguments(p, InstructionTuneConfig)
     _tracking_args(p)
     p.set_defaults(func=cmd_instruction_tune)
@@ -243,11 +244,11 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Frozen LLM + SASRec item embeddings through Linear(64 -> hidden), LoRA, and a "
                                    "Linear(hidden -> N+1) item head trained with cross-entropy over all items. "
                                    "Under torchrun it trains data-parallel.")
-    p.add_argument("--data", required=True, type=Path, help="prepare-data output folder")
-    p.add_argument("--sasrec", required=True, type=Path, help="pretrain-sasrec output folder")
+    p.add_argument("--data", required=True, type=str, help="prepare-data output folder")
+    p.add_argument("--sasrec", required=True, type=str, help="pretrain-sasrec output folder")
     p.add_argument("--llm", required=True, help="instruction-tune output folder, or a backbone spec (smollm2-135m, "
                                                 "tiny, gguf:PATH, hf:FOLDER_OR_ID)")
-    p.add_argument("--output", required=True, type=Path, help="output folder")
+    p.add_argument("--output", required=True, type=str, help="output folder")
     cfg.add_arguments(p, TrainE4SRecConfig)
     _tracking_args(p)
     p.set_defaults(func=cmd_train_e4srec)
@@ -256,9 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Append items with their SASRec-space embeddings; their head rows are "
                                    "predicted by a ridge regression fitted on the trained items. Old items score "
                                    "exactly as before.")
-    p.add_argument("--model", required=True, type=Path, help="train-e4srec output folder")
-    p.add_argument("--new-items", required=True, type=Path, help="Parquet: item_id (string), embedding (list<float>)")
-    p.add_argument("--output", required=True, type=Path, help="output folder (a copy of the model, extended)")
+    p.add_argument("--model", required=True, type=str, help="train-e4srec output folder")
+    p.add_argument("--new-items", required=True, type=str, help="Parquet: item_id (string), embedding (list<float>)")
+    p.add_argument("--output", required=True, type=str, help="output folder (a copy of the model, extended)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output folder")
     p.set_defaults(func=cmd_extend_items)
 
@@ -266,9 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Log the E4SRec model as an MLflow pyfunc, register a version (alias "
                                    "challenger), compare it with the champion on the same test users, and (unless "
                                    "--no-apply) move champion when it wins.")
-    p.add_argument("--model", required=True, type=Path, help="train-e4srec output folder")
-    p.add_argument("--data", required=True, type=Path, help="prepare-data output folder (the gate's test split)")
-    p.add_argument("--output", required=True, type=Path, help="output folder for verdict.json")
+    p.add_argument("--model", required=True, type=str, help="train-e4srec output folder")
+    p.add_argument("--data", required=True, type=str, help="prepare-data output folder (the gate's test split)")
+    p.add_argument("--output", required=True, type=str, help="output folder for verdict.json")
     cfg.add_arguments(p, DeployConfig)
     p.add_argument("--apply", action=argparse.BooleanOptionalAction, default=True,
                    help="move champion when the verdict says promote (default: on)")
@@ -298,9 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("batch-recommend", help="top-k original item ids for every user, as Parquet",
                        description="Score every user's whole sequence; write recommendations.parquet "
                                    "(user_id, items, scores).")
-    p.add_argument("--model", required=True, type=Path, help="train-e4srec output folder")
-    p.add_argument("--data", required=True, type=Path, help="prepare-data output folder")
-    p.add_argument("--output", required=True, type=Path, help="output folder")
+    p.add_argument("--model", required=True, type=str, help="train-e4srec output folder")
+    p.add_argument("--data", required=True, type=str, help="prepare-data output folder")
+    p.add_argument("--output", required=True, type=str, help="output folder")
     cfg.add_arguments(p, BatchRecommendConfig)
     _tracking_args(p)
     p.set_defaults(func=cmd_batch_recommend)
@@ -308,11 +309,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="the run's HTML report",
                        description="Metrics side by side (with published numbers), curves, by-length groups, "
                                    "deploy verdict and alias history, as report.html with its PNGs.")
-    p.add_argument("--data", required=True, type=Path, help="prepare-data output folder")
-    p.add_argument("--sasrec", required=True, type=Path, help="pretrain-sasrec output folder")
-    p.add_argument("--e4srec", required=True, type=Path, help="train-e4srec output folder")
-    p.add_argument("--verdict", type=Path, help="deploy output folder (verdict.json)")
-    p.add_argument("--output", required=True, type=Path, help="output folder")
+    p.add_argument("--data", required=True, type=str, help="prepare-data output folder")
+    p.add_argument("--sasrec", required=True, type=str, help="pretrain-sasrec output folder")
+    p.add_argument("--e4srec", required=True, type=str, help="train-e4srec output folder")
+    p.add_argument("--verdict", type=str, help="deploy output folder (verdict.json)")
+    p.add_argument("--output", required=True, type=str, help="output folder")
     _tracking_args(p)
     p.set_defaults(func=cmd_report)
 
@@ -322,9 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="evaluate a trained SASRec on a prepare-data output",
                        description="Full and sampled ranking on valid and test; checks the item-map hash.")
-    p.add_argument("--model", required=True, type=Path, help="pretrain-sasrec output folder")
-    p.add_argument("--data", required=True, type=Path, help="prepare-data output folder")
-    p.add_argument("--output", type=Path, help="write metrics.json and metrics_by_length.json here")
+    p.add_argument("--model", required=True, type=str, help="pretrain-sasrec output folder")
+    p.add_argument("--data", required=True, type=str, help="prepare-data output folder")
+    p.add_argument("--output", type=str, help="write metrics.json and metrics_by_length.json here")
     p.add_argument("--batch-size", type=int, default=1024, help="users per scoring batch")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output folder")
     p.set_defaults(func=cmd_evaluate)
@@ -332,8 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run the whole pipeline locally (kfp.local)", formatter_class=fmt,
                        description="Run the pipeline on this machine through kfp.local's SubprocessRunner; "
                                    "MLflow runs go to MLFLOW_TRACKING_URI or sqlite:///mlflow.db here.")
-    p.add_argument("--input", type=Path, default=Path("data/Beauty.txt"), help="raw dataset")
-    p.add_argument("--instructions", type=Path, default=Path("data/instructions.json"),
+    p.add_argument("--input", type=str, default=Path("data/Beauty.txt"), help="raw dataset")
+    p.add_argument("--instructions", type=str, default=Path("data/instructions.json"),
                    help="Alpaca-format data for instruction-tune")
     p.add_argument("--pipeline-root", type=Path, default=Path("runs"), help="where task outputs land")
     from e4srec_pipelines import pipeline_parameters
@@ -352,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compile", help="compile the pipeline to KFP IR YAML", formatter_class=fmt,
                        description="Write the Kubeflow Pipelines spec that `kfp` clients and the UI upload.")
-    p.add_argument("--output", type=Path, default=Path("pipeline.yaml"), help="YAML file to write")
+    p.add_argument("--output", type=str, default=Path("pipeline.yaml"), help="YAML file to write")
     p.set_defaults(func=cmd_compile)
     return parser
 

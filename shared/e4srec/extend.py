@@ -65,7 +65,11 @@ def fit_head_rows(old_emb: torch.Tensor, old_head: torch.Tensor, new_emb: torch.
 
 def extend_items(model_dir: Path | str, new_items: Path | str, output: Path | str, *, overwrite: bool = False) -> dict:
     """Write a copy of the model folder with the new items appended as indices N+1..N+K."""
-    model_dir, new_items = Path(model_dir), Path(new_items)
+    from e4srec.outputs import preflight
+    from e4srec.storage import fetch
+
+    preflight(output, overwrite)
+    model_dir, new_items = Path(fetch(model_dir)), Path(fetch(new_items))
     meta = c.read_json(model_dir / stage.CONFIG)
     table = pretrain_sasrec.load_item_embeddings(model_dir, meta["item_map_sha256"])  # (N+1, d)
     old_ids = pq.read_table(model_dir / c.ITEM_MAP).column("item_id").to_pylist()

@@ -25,12 +25,16 @@ def run_local(input_path: Path | str, instructions: Path | str | None, pipeline_
     from kfp import local
 
     from e4srec.evaluate import format_table
+    from e4srec.storage import is_s3
 
-    input_path = Path(input_path).resolve()
-    if not input_path.is_file():
-        raise E4SRecError(f"{input_path}: input file not found; pass --input")
+    if not is_s3(input_path):  # s3:// URIs go to the tasks as they are
+        input_path = Path(input_path).resolve()
+        if not input_path.is_file():
+            raise E4SRecError(f"{input_path}: input file not found; pass --input")
     instructions_uri = ""
-    if instructions is not None and Path(instructions).is_file():
+    if instructions is not None and is_s3(instructions):
+        instructions_uri = str(instructions)
+    elif instructions is not None and Path(instructions).is_file():
         instructions_uri = str(Path(instructions).resolve())
     elif params.get("instruction_tune_backbone"):
         raise E4SRecError(f"{instructions}: instruction file not found; pass --instructions")

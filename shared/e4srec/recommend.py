@@ -31,8 +31,9 @@ class Recommender:
 
     def __init__(self, model_dir: Path | str, device: str = "cpu") -> None:
         from e4srec.stages import train_e4srec
+        from e4srec.storage import fetch
 
-        self.model_dir = Path(model_dir)
+        self.model_dir = Path(fetch(model_dir))
         self.model = train_e4srec.load_model(self.model_dir, device)
         self.device = torch.device(device)
         self.item_ids = ["<pad>"] + [str(x) for x in pq.read_table(self.model_dir / c.ITEM_MAP).column("item_id").to_pylist()]

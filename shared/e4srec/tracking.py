@@ -104,6 +104,33 @@ def _parent_run(client: Any, experiment_id: str, pipeline_run_id: str, pipeline_
     return run.info.run_id
 
 
+def check_server(attempts: int = 3, timeout: float = 5.0) -> None:
+    """For an http(s) tracking URI, fail in seconds (not after MLflow's minutes of retries) when the
+    server does not answer its /health endpoint."""
+    import os
+    import time
+    import urllib.error
+    import urllib.request
+
+    from e4srec.errors import E4SRecError
+
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if not uri.startswith(("http://", "https://")):
+        return
+    reason = ""
+    for attempt in range(attempts):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
+                if response.status == 200:
+                    return
+                reason = f"HTTP {response.status}"
+        except (urllib.error.URLError, OSError) as e:
+            reason = str(getattr(e, "reason", e))
+        time.sleep(min(2**attempt, 4))
+    raise E4SRecError(f"MLflow server {uri} is not answering ({reason}) after {attempts} tries; start it, fix "
+                      f"MLFLOW_TRACKING_URI, or run with --no-tracking")
+
+
 @contextmanager
 def stage_run(
     stage: str,
@@ -121,6 +148,7 @@ def stage_run(
     if not enabled:
         yield Tracker(None)
         return
+    check_server()
     import mlflow
     from mlflow.tracking import MlflowClient
 

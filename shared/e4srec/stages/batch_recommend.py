@@ -17,9 +17,10 @@ import pyarrow.parquet as pq
 from e4srec import config as cfg
 from e4srec import contracts as c
 from e4srec.errors import E4SRecError
-from e4srec.outputs import staged_output
+from e4srec.outputs import preflight, staged_output
 from e4srec.progress import progress as progress_bar
 from e4srec.recommend import Recommender
+from e4srec.storage import fetch
 from e4srec.tracking import Tracker, stage_run
 
 STAGE = "batch-recommend"
@@ -47,7 +48,9 @@ def run(config: BatchRecommendConfig, model_dir: Path | str, data_dir: Path | st
     from e4srec.device import resolve_device
 
     tracker = tracker or Tracker(None)
-    data = c.load_sequence_data(data_dir)
+    preflight(output, overwrite)
+    data = c.load_sequence_data(fetch(data_dir))
+    model_dir = fetch(model_dir)
     meta = c.read_json(Path(model_dir) / "config.json")
     if meta.get("item_map_sha256") != data.item_map_sha256 and "extended_from" not in meta:
         raise E4SRecError(f"{model_dir}: trained on another item map than {data_dir}; recommend for its own data")

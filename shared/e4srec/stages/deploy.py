@@ -24,8 +24,9 @@ from e4srec import registry
 from e4srec.device import resolve_device
 from e4srec.errors import E4SRecError
 from e4srec.evaluate import evaluate
-from e4srec.outputs import staged_output
+from e4srec.outputs import preflight, staged_output
 from e4srec.stages import train_e4srec
+from e4srec.storage import fetch
 from e4srec.tracking import Tracker, stage_run
 
 STAGE = "deploy"
@@ -78,8 +79,9 @@ def run(config: DeployConfig, model_dir: Path | str, data_dir: Path | str, outpu
     tracker = tracker or Tracker(None)
     if not tracker.enabled:
         raise E4SRecError("deploy registers models in MLflow; run it with tracking on (drop --no-tracking)")
-    model_dir = Path(model_dir)
-    data = c.load_sequence_data(data_dir)
+    preflight(output, overwrite)
+    model_dir = Path(fetch(model_dir))
+    data = c.load_sequence_data(fetch(data_dir))
     meta = c.read_json(model_dir / train_e4srec.CONFIG)
     c.check_item_map_hash(meta.get("item_map_sha256"), data.item_map_sha256, str(model_dir / train_e4srec.CONFIG),
                           "deploy it with the data it was trained on")

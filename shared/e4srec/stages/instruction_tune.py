@@ -30,9 +30,10 @@ from e4srec import instructions as ins
 from e4srec.backbones import Backbone, BackboneOptions, load_backbone
 from e4srec.device import resolve_device
 from e4srec.errors import E4SRecError
-from e4srec.outputs import staged_output
+from e4srec.outputs import preflight, staged_output
 from e4srec.progress import progress as progress_bar
 from e4srec.prompt import alpaca
+from e4srec.storage import fetch
 from e4srec.tracking import Tracker, figure_to_artifact, stage_run
 
 STAGE = "instruction-tune"
@@ -231,6 +232,7 @@ def run(config: InstructionTuneConfig, instructions: Path | str | None, output: 
         overwrite: bool = False, tracker: Tracker | None = None, progress: bool = True) -> dict[str, float]:
     """Tune (or pass through) the backbone and write the stage's folder into `output`."""
     tracker = tracker or Tracker(None)
+    preflight(output, overwrite)
     tracker.log_params(cfg.to_dict(config))
     if config.skip:
         metrics = {"instruct/skipped": 1.0}
@@ -241,7 +243,7 @@ def run(config: InstructionTuneConfig, instructions: Path | str | None, output: 
         return metrics
     if instructions is None:
         raise E4SRecError("instruction-tune needs --instructions (an Alpaca JSON, JSONL or Parquet file), or --skip")
-    examples = ins.read_examples(instructions)  # fail on bad data before loading any model
+    examples = ins.read_examples(fetch(instructions))  # fail on bad data before loading any model
     train_examples, held = ins.split(examples, config.holdout, config.seed)
     if config.max_examples:
         train_examples = train_examples[: config.max_examples]

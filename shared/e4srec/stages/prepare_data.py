@@ -14,7 +14,8 @@ from e4srec import config as cfg
 from e4srec import contracts as c
 from e4srec import data as d
 from e4srec.errors import E4SRecError
-from e4srec.outputs import staged_output
+from e4srec.outputs import preflight, staged_output
+from e4srec.storage import fetch
 from e4srec.tracking import Tracker, figure_to_artifact, stage_run
 
 STAGE = "prepare-data"
@@ -61,7 +62,8 @@ def run(config: PrepareDataConfig, input_path: Path | str, output: Path | str, *
         tracker: Tracker | None = None) -> dict[str, float]:
     """Read `input_path`, write the prepare-data contract into `output`, return its metrics."""
     tracker = tracker or Tracker(None)
-    input_path = Path(input_path)
+    preflight(output, overwrite)
+    input_path = Path(fetch(input_path))
     if not input_path.is_file():
         raise E4SRecError(f"{input_path}: input file not found")
     t0 = time.perf_counter()

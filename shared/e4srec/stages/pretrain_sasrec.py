@@ -31,9 +31,10 @@ from e4srec import contracts as c
 from e4srec.device import resolve_device
 from e4srec.errors import E4SRecError
 from e4srec.evaluate import evaluate
-from e4srec.outputs import staged_output
+from e4srec.outputs import preflight, staged_output
 from e4srec.progress import progress as progress_bar
 from e4srec.sasrec import SASRec, SASRecConfig
+from e4srec.storage import fetch
 from e4srec.tracking import Tracker, figure_to_artifact, stage_run
 
 STAGE = "pretrain-sasrec"
@@ -214,7 +215,8 @@ def run(config: PretrainSasrecConfig, data_dir: Path | str, output: Path | str, 
         tracker: Tracker | None = None, progress: bool = True) -> dict[str, float]:
     """Train on `data_dir` (a prepare-data output), write the stage's artifacts to `output`."""
     tracker = tracker or Tracker(None)
-    data = c.load_sequence_data(data_dir)
+    preflight(output, overwrite)
+    data = c.load_sequence_data(fetch(data_dir))
     with staged_output(output, overwrite) as out:
         tracker.log_params(cfg.to_dict(config))
         tracker.log_params({"item_map_sha256": data.item_map_sha256, "max_len": data.max_len})

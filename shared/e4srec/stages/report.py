@@ -19,7 +19,8 @@ from typing import Any
 from e4srec import contracts as c
 from e4srec import published
 from e4srec.evaluate import DEFAULT_LENGTH_EDGES, METRICS, PROTOCOLS, length_group_labels
-from e4srec.outputs import staged_output
+from e4srec.outputs import preflight, staged_output
+from e4srec.storage import fetch
 from e4srec.tracking import Tracker, stage_run
 
 STAGE = "report"
@@ -105,8 +106,10 @@ def run(data_dir: Path | str, sasrec_dir: Path | str, e4srec_dir: Path | str, ou
     from e4srec import plots
 
     tracker = tracker or Tracker(None)
-    sasrec_dir, e4srec_dir = Path(sasrec_dir), Path(e4srec_dir)
-    manifest = c.read_json(Path(data_dir) / c.MANIFEST)
+    preflight(output, overwrite)
+    sasrec_dir, e4srec_dir = Path(fetch(sasrec_dir)), Path(fetch(e4srec_dir))
+    manifest = c.read_json(Path(fetch(data_dir)) / c.MANIFEST)
+    verdict_dir = fetch(verdict_dir)
     sasrec, e4srec = c.read_json(sasrec_dir / c.METRICS), c.read_json(e4srec_dir / c.METRICS)
     rows = {"SASRec": sasrec, "E4SRec": e4srec} | published.for_dataset(manifest["input"]["name"])
     verdict_path = Path(verdict_dir) / "verdict.json" if verdict_dir else None

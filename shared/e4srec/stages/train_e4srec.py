@@ -22,6 +22,7 @@ import json
 import math
 import os
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,10 +40,11 @@ from e4srec.device import resolve_device
 from e4srec.e4srec import E4SRec, E4SRecConfig
 from e4srec.errors import E4SRecError
 from e4srec.evaluate import evaluate
-from e4srec.outputs import staged_output
+from e4srec.outputs import preflight, staged_output
 from e4srec.progress import progress as progress_bar
 from e4srec.prompt import PromptOptions, recommendation_prefix
 from e4srec.stages import instruction_tune, pretrain_sasrec
+from e4srec.storage import fetch, is_s3
 from e4srec.tracking import Tracker, figure_to_artifact, stage_run
 
 STAGE = "train-e4srec"
@@ -288,7 +290,10 @@ def run(config: TrainE4SRecConfig, data_dir: Path | str, sasrec_dir: Path | str,
     rank, world = _distributed()
     if rank:
         tracker = Tracker(None)
-    data = c.load_sequence_data(data_dir)
+    if rank == 0:
+        preflight(output, overwrite)
+    data = c.load_sequence_data(fetch(data_dir))
+    sasrec_dir = fetch(sasrec_dir)
     table = pretrain_sasrec.load_item_embeddings(sasrec_dir, data.item_map_sha256)
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -296,15 +301,19 @@ def run(config: TrainE4SRecConfig, data_dir: Path | str, sasrec_dir: Path | str,
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     torch.manual_seed(config.seed)
-    backbone, descriptor, instruct_adapter = load_llm(llm, device)
+    backbone, descriptor, instruct_adapter = load_llm(fetch(llm), device)
     model = build_model(config, backbone, table, data.n_items, data.max_len).to(device)
     histories, targets = build_examples(data, config.max_targets_per_user)
     rng = np.random.default_rng(config.seed)
     if config.max_examples and config.max_examples < len(targets):
         keep = np.sort(rng.choice(len(targets), config.max_examples, replace=False))
         histories, targets = histories[keep], targets[keep]
-    output = Path(output)
-    ckpt_root = Path(config.checkpoint_dir) if config.checkpoint_dir else output.with_name(output.name + ".checkpoints")
+    if config.checkpoint_dir:
+        ckpt_root = Path(config.checkpoint_dir)
+    elif is_s3(output):  # checkpoints stay on local disk beside an S3 output's staging
+        ckpt_root = Path(tempfile.gettempdir()) / "e4srec-checkpoints" / str(output).replace("/", "_")
+    else:
+        ckpt_root = Path(output).with_name(Path(output).name + ".checkpoints")
     checkpoints = Checkpoints(ckpt_root, rank) if config.checkpoint_every or config.resume else None
     tracker.log_params(cfg.to_dict(config) | {"backbone": descriptor["backbone"], "examples": len(targets),
                                                "world_size": world, "item_map_sha256": data.item_map_sha256})
@@ -380,7 +389,7 @@ def load_model(model_dir: Path | str, device: torch.device | str = "cpu") -> E4S
     """Rebuild a trained E4SRec from its folder: backbone by spec, then the saved trainable weights."""
     from peft import set_peft_model_state_dict
 
-    model_dir = Path(model_dir)
+    model_dir = Path(fetch(model_dir))
     meta = c.read_json(model_dir / CONFIG)
     device = torch.device(device)
     backbone = load_backbone(BackboneOptions(**meta["llm"]), device)

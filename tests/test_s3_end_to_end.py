@@ -1,0 +1,75 @@
+"""End to end on real servers: raw data read from S3, an MLflow server storing artifacts on S3,
+the model registered and promoted at the end; and a stage started while the MLflow server is down."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from e4srec import storage
+from helpers import e4srec
+from s3server import BUCKET
+from test_e4srec_resilience import free_port
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(s3, tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN001, ANN201
+    """`mlflow server` on 127.0.0.1 with a SQLite backend and artifacts proxied to S3."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    env = {**os.environ, **s3.env(), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+         "--artifacts-destination", f"s3://{BUCKET}/mlflow", "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"], env=env, stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT,
+        start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        try:
+            if urllib.request.urlopen(url + "/health", timeout=2).status == 200:
+                break
+        except OSError:
+            assert proc.poll() is None, (root / "server.log").read_text()[-3000:]
+            time.sleep(1)
+    else:
+        raise RuntimeError(f"mlflow server did not come up; see {root / 'server.log'}")
+    yield url
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=30)
+
+
+@pytest.mark.timeout(900)
+def test_pipeline_from_s3_with_mlflow_server_artifacts_on_s3(mlflow_server: str, beauty_slice: Path,
+                                                             tmp_path: Path) -> None:
+    storage.client().upload_file(str(beauty_slice), BUCKET, "raw/beauty_800.txt")
+    result = e4srec("run", "--input", f"s3://{BUCKET}/raw/beauty_800.txt", "--pipeline-root", tmp_path / "runs",
+                    "--sasrec-epochs", "1", "--backbone", "tiny", "--e4srec-max-examples", "64",
+                    "--e4srec-eval-users", "50", cwd=tmp_path, env={"MLFLOW_TRACKING_URI": mlflow_server})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "e4srec-beauty_800 version 1 registered" in result.stdout
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=mlflow_server, registry_uri=mlflow_server)
+    champion = client.get_model_version_by_alias("e4srec-beauty_800", "champion")
+    assert str(champion.version) == "1"  # a str over REST (an int from SQLite): compared as strings
+    stored = storage._keys(BUCKET, "mlflow/")
+    assert any(k.endswith("MLmodel") for k in stored) and any(k.endswith("adapter_model.safetensors") for k in stored)
+    assert any(k.endswith("report.html") for k in stored)
+
+
+def test_stage_start_with_the_mlflow_server_down(beauty_slice: Path, tmp_path: Path) -> None:
+    down = f"http://127.0.0.1:{free_port()}"
+    t0 = time.time()
+    result = e4srec("prepare-data", "--input", beauty_slice, "--output", tmp_path / "out",
+                    env={"MLFLOW_TRACKING_URI": down})
+    assert result.returncode == 1 and f"MLflow server {down} is not answering" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and time.time() - t0 < 60
+    assert not (tmp_path / "out").exists()

@@ -8,10 +8,10 @@ join here as they land.
 
 import inspect
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from e4srec.images import CPU_IMAGE
 from e4srec_components.batch_recommend import component as batch_recommend_component
 from e4srec_components.deploy import component as deploy_component
 from e4srec_components.instruction_tune import component as instruction_tune_component
@@ -19,25 +19,65 @@ from e4srec_components.prepare_data import component as prepare_data_component
 from e4srec_components.pretrain_sasrec import component as pretrain_sasrec_component
 from e4srec_components.report import component as report_component
 from e4srec_components.train_e4srec import component as train_e4srec_component
-from kfp import compiler, dsl
+from e4srec_pipelines.profiles import Profile, load_profile
+from kfp import compiler, dsl, kubernetes
 
 PIPELINE_NAME = "e4srec"
 
 
-def create_pipeline(*, image: str = CPU_IMAGE, name: str = PIPELINE_NAME) -> dsl.graph_component.GraphComponent:
-    """Build the pipeline with every component running in `image`.
+def configure_for(profile: Profile) -> Callable[[dsl.PipelineTask, str], dsl.PipelineTask]:
+    """A function applying the profile to a task of a given stage."""
+
+    def configure(task: dsl.PipelineTask, stage: str) -> dsl.PipelineTask:
+        """Display name, caching, environment, secrets and (for LLM stages) GPU, image and node selector."""
+        task.set_display_name(stage).set_caching_options(profile.caching_for(stage))
+        for key, value in profile.env.items():
+            task.set_env_variable(key, value)
+        for secret in profile.secrets:
+            kubernetes.use_secret_as_env(task, secret_name=secret["name"], secret_key_to_env=secret["env"],
+                                         optional=bool(secret.get("optional", False)))
+        if profile.is_gpu_stage(stage):
+            task.set_container_image(profile.gpu_image)
+            task.set_accelerator_type(profile.gpu["accelerator"]).set_accelerator_limit(profile.gpu.get("count", 1))
+            for key, value in profile.gpu.get("node_selector", {}).items():
+                kubernetes.add_node_selector(task, label_key=key, label_value=str(value))
+        return task
+
+    return configure
+
+
+def stage_components(profile: Profile) -> dict[str, tuple[Any, Callable]]:
+    """{stage: (component in the profile's image, configure)}: what the pipeline and reruns build on."""
+    configure = configure_for(profile)
+    deploy, promote_champion = deploy_component.build(profile.image)
+    return {
+        "prepare-data": (prepare_data_component.build(profile.image), configure),
+        "pretrain-sasrec": (pretrain_sasrec_component.build(profile.image), configure),
+        "instruction-tune": (instruction_tune_component.build(profile.image), configure),
+        "train-e4srec": (train_e4srec_component.build(profile.image), configure),
+        "deploy": (deploy, configure),
+        "promote-champion": (promote_champion, configure),
+        "batch-recommend": (batch_recommend_component.build(profile.image), configure),
+        "report": (report_component.build(profile.image), configure),
+    }
+
+
+def create_pipeline(profile: str | Path | Profile = "cluster", *, name: str = PIPELINE_NAME
+                    ) -> dsl.graph_component.GraphComponent:
+    """Build the pipeline for an environment profile.
 
     Args:
-        image: container image with e4srec and kfp installed (the cluster profile names its registry).
+        profile: `local`, `cluster`, a profile YAML path, or a loaded Profile: images, pipeline root,
+            environment variables, Kubernetes secrets, GPU settings and caching (see pipelines/profiles/).
         name: pipeline name shown by Kubeflow and used to prefix local run folders.
     """
-    prepare_data = prepare_data_component.build(image)
-    pretrain_sasrec = pretrain_sasrec_component.build(image)
-    instruction_tune = instruction_tune_component.build(image)
-    train_e4srec = train_e4srec_component.build(image)
-    deploy, promote_champion = deploy_component.build(image)
-    batch_recommend = batch_recommend_component.build(image)
-    report = report_component.build(image)
+    profile = profile if isinstance(profile, Profile) else load_profile(profile)
+    parts = stage_components(profile)
+    configure = configure_for(profile)
+    prepare_data, pretrain_sasrec = parts["prepare-data"][0], parts["pretrain-sasrec"][0]
+    instruction_tune, train_e4srec = parts["instruction-tune"][0], parts["train-e4srec"][0]
+    deploy, promote_champion = parts["deploy"][0], parts["promote-champion"][0]
+    batch_recommend, report = parts["batch-recommend"][0], parts["report"][0]
 
     class Outputs(NamedTuple):
         data: dsl.Dataset
@@ -45,8 +85,9 @@ def create_pipeline(*, image: str = CPU_IMAGE, name: str = PIPELINE_NAME) -> dsl
         backbone_uri: str
         e4srec: dsl.Model
 
-    @dsl.pipeline(name=name, description="E4SRec: data preparation, SASRec pre-training, instruction tuning and "
-                                         "E4SRec training, tracked in MLflow.")
+    @dsl.pipeline(name=name, pipeline_root=profile.pipeline_root or None,
+                  description="E4SRec: data preparation, SASRec pre-training, instruction tuning, E4SRec training, "
+                              "the promotion gate and the run report, tracked in MLflow.")
     def e4srec_pipeline(
         input_uri: str,
         instructions_uri: str = "",
@@ -130,29 +171,33 @@ def create_pipeline(*, image: str = CPU_IMAGE, name: str = PIPELINE_NAME) -> dsl
         data = prepare_data(
             input_uri=input_uri, format=input_format, k_core=k_core, max_len=max_len, n_negatives=n_negatives,
             seed=seed, tracking=tracking, experiment=experiment, **run_ids,
-        ).set_display_name("prepare-data")
+        )
+        configure(data, "prepare-data")
         sasrec = pretrain_sasrec(
             data=data.outputs["data"], loss=sasrec_loss, epochs=sasrec_epochs, batch_size=sasrec_batch_size,
             lr=sasrec_lr, dropout=sasrec_dropout, patience=sasrec_patience, seed=seed, device=device,
             tracking=tracking, experiment=experiment, **run_ids,
-        ).set_display_name("pretrain-sasrec")
+        )
+        configure(sasrec, "pretrain-sasrec")
         llm = dict(backbone_spec=backbone, dtype=backbone_dtype, quantization=quantization, seed=seed,
                    device=device, tracking=tracking, experiment=experiment, **run_ids)
         with dsl.If(instruction_tune_backbone == True):  # noqa: E712 (a KFP condition, not a Python test)
             tuned = instruction_tune(
                 instructions_uri=instructions_uri, max_examples=instruct_max_examples, epochs=instruct_epochs,
                 batch_size=instruct_batch_size, lr=instruct_lr, **llm,
-            ).set_display_name("instruction-tune")
+            )
+            configure(tuned, "instruction-tune")
         with dsl.Else():
-            base = instruction_tune(instructions_uri=instructions_uri, skip=True, **llm).set_display_name(
-                "instruction-tune (skipped)")
+            base = instruction_tune(instructions_uri=instructions_uri, skip=True, **llm)
+            configure(base, "instruction-tune (skipped)")  # no GPU for a pass-through
         llm_uri = dsl.OneOf(tuned.outputs["Output"], base.outputs["Output"])
         e4srec = train_e4srec(
             data=data.outputs["data"], sasrec=sasrec.outputs["model"], llm_uri=llm_uri, epochs=e4srec_epochs,
             batch_size=e4srec_batch_size, lr=e4srec_lr, max_examples=e4srec_max_examples,
             eval_users=e4srec_eval_users, seed=seed, device=device, tracking=tracking, experiment=experiment,
             **run_ids,
-        ).set_display_name("train-e4srec")
+        )
+        configure(e4srec, "train-e4srec")
         # Not nested under an If on `tracking`: kfp.local cannot resolve a condition inside a condition on a
         # task output. deploy itself returns promote=False, registering nothing, when tracking is off.
         gate = deploy(
@@ -160,17 +205,17 @@ def create_pipeline(*, image: str = CPU_IMAGE, name: str = PIPELINE_NAME) -> dsl
             metric=gate_metric, min_margin=gate_min_margin, when_no_champion=when_no_champion,
             force_promote=force_promote, eval_users=e4srec_eval_users, seed=seed, device=device,
             tracking=tracking, experiment=experiment, **run_ids,
-        ).set_display_name("deploy")
+        )
+        configure(gate, "deploy")
         with dsl.If(gate.outputs["Output"] == True):  # noqa: E712 (the gate, visible in the DAG)
-            promote_champion(verdict=gate.outputs["verdict"], pipeline_run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER
-                             ).set_display_name("promote-champion")
+            configure(promote_champion(verdict=gate.outputs["verdict"],
+                                       pipeline_run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER), "promote-champion")
         with dsl.If(batch_recommend_k > 0):
-            batch_recommend(model=e4srec.outputs["model"], data=data.outputs["data"], k=batch_recommend_k,
-                            device=device, tracking=tracking, experiment=experiment, **run_ids
-                            ).set_display_name("batch-recommend")
-        report(data=data.outputs["data"], sasrec=sasrec.outputs["model"], e4srec=e4srec.outputs["model"],
-               verdict=gate.outputs["verdict"], tracking=tracking, experiment=experiment, **run_ids
-               ).set_display_name("report")
+            configure(batch_recommend(model=e4srec.outputs["model"], data=data.outputs["data"], k=batch_recommend_k,
+                                      device=device, tracking=tracking, experiment=experiment, **run_ids),
+                      "batch-recommend")
+        configure(report(data=data.outputs["data"], sasrec=sasrec.outputs["model"], e4srec=e4srec.outputs["model"],
+                         verdict=gate.outputs["verdict"], tracking=tracking, experiment=experiment, **run_ids), "report")
         return Outputs(data=data.outputs["data"], sasrec=sasrec.outputs["model"], backbone_uri=llm_uri,
                        e4srec=e4srec.outputs["model"])
 
@@ -178,7 +223,7 @@ def create_pipeline(*, image: str = CPU_IMAGE, name: str = PIPELINE_NAME) -> dsl
 
 
 def compile_pipeline(output: Path | str = "pipeline.yaml", **factory_args: Any) -> Path:
-    """Compile `create_pipeline(**factory_args)` to KFP IR YAML at `output`."""
+    """Compile `create_pipeline(**factory_args)` (the cluster profile unless told) to KFP IR YAML."""
     output = Path(output)
     compiler.Compiler().compile(create_pipeline(**factory_args), str(output))
     return output
@@ -186,7 +231,7 @@ def compile_pipeline(output: Path | str = "pipeline.yaml", **factory_args: Any) 
 
 def pipeline_parameters() -> dict[str, tuple[type, Any, str]]:
     """{name: (type, default, help)} of the pipeline's runtime parameters, read from its signature."""
-    func = create_pipeline().pipeline_func
+    func = create_pipeline("local").pipeline_func
     doc = inspect.getdoc(func) or ""
     helps = dict(re.findall(r"^\s{4}(\w+): (.+(?:\n\s{8}.+)*)", doc, flags=re.M))
     out = {}

@@ -17,7 +17,16 @@ from helpers import e4srec
         ("pretrain-sasrec", ["--data", "--output", "--loss", "--epochs", "--patience", "--device"]),
         ("evaluate", ["--model", "--data", "--output"]),
         ("run", ["--input", "--pipeline-root", "--sasrec-loss", "--sasrec-epochs", "--experiment"]),
-        ("compile", ["--output"]),
+        ("compile", ["--output", "--profile"]),
+        ("submit", ["--host", "--namespace", "--experiment", "--token", "--cookie", "--profile", "--input"]),
+        ("rerun", ["--from", "--set", "--input-override", "--profile", "--host"]),
+        ("deploy", ["--model", "--data", "--metric", "--min-margin", "--when-no-champion", "--force-promote"]),
+        ("promote", ["--version", "--rollback", "--history", "--force"]),
+        ("recommend", ["--model", "--history", "--k"]),
+        ("batch-recommend", ["--model", "--data", "--k"]),
+        ("extend-items", ["--model", "--new-items"]),
+        ("instruction-tune", ["--instructions", "--backbone", "--quantization", "--skip", "--merge"]),
+        ("train-e4srec", ["--data", "--sasrec", "--llm", "--checkpoint-every", "--resume", "--prefix-cache"]),
     ],
 )
 def test_help(command: str, flags: list[str]) -> None:

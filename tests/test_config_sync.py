@@ -21,6 +21,7 @@ from e4srec_components.train_e4srec.component import train_e4srec
 from e4srec_pipelines import pipeline_parameters
 
 TRACKING = {"tracking", "experiment", "pipeline_run_id", "pipeline_run_name"}
+LAUNCH = {"nproc_per_node"}  # how the component runs the stage, not a stage setting
 
 
 @pytest.mark.parametrize(("func", "config", "artifacts"), [
@@ -34,7 +35,7 @@ TRACKING = {"tracking", "experiment", "pipeline_run_id", "pipeline_run_name"}
 def test_component_parameters_are_the_config_fields(func, config, artifacts) -> None:  # noqa: ANN001
     renamed = {"backbone_spec": "backbone"}  # `backbone` is the component's output artifact
     params = {renamed.get(n, n): p.default for n, p in inspect.signature(func).parameters.items()
-              if n not in artifacts | TRACKING}
+              if n not in artifacts | TRACKING | LAUNCH}
     fields = {f.name: f.default for f in dataclasses.fields(config)}
     assert params == fields
 

@@ -82,3 +82,13 @@ def test_two_gloo_processes_match_one_at_the_same_global_batch(prepared: Path, s
         assert r2["train/loss"] == pytest.approx(r1["train/loss"], rel=1e-4, abs=1e-5), r1["step"]
     assert c.read_json(tmp_path / "two" / c.METRICS)["train/world_size"] == 2
     assert c.read_json(tmp_path / "one" / c.METRICS)["train/world_size"] == 1
+
+
+@pytest.mark.timeout(600)
+def test_run_distributed_launches_torchrun_like_a_pod_would(prepared: Path, sasrec_dir: Path, tmp_path: Path) -> None:
+    from e4srec.stages import train_e4srec as stage
+
+    config = stage.TrainE4SRecConfig(batch_size=12, max_examples=96, eval_users=20, lora_dropout=0.0, device="cpu",
+                                     threads=1)
+    metrics = stage.run_distributed(config, prepared, sasrec_dir, "tiny", tmp_path / "m", 2, tracking=False)
+    assert metrics["train/world_size"] == 2 and metrics["train/steps"] == 8

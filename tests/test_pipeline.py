@@ -17,7 +17,7 @@ def test_committed_pipeline_yaml_is_in_sync(tmp_path: Path) -> None:
 
 
 def test_compiled_pipeline_shape() -> None:
-    spec = yaml.safe_load((REPO / "pipeline.yaml").read_text())
+    spec = next(yaml.safe_load_all((REPO / "pipeline.yaml").read_text()))  # then the platform spec
     tasks = spec["root"]["dag"]["tasks"]
     assert {"prepare-data", "pretrain-sasrec", "condition-branches-1", "train-e4srec", "deploy", "report"} <= set(tasks)
     promote = [t for name, t in tasks.items() if name.startswith("condition-") and "triggerPolicy" in t]
@@ -31,7 +31,7 @@ def test_compiled_pipeline_shape() -> None:
     assert any("instruction_tune_backbone" in cond for cond in conditions), conditions
     assert "backbone_uri" in spec["root"]["outputDefinitions"]["parameters"]
     for executor in spec["deploymentSpec"]["executors"].values():
-        assert executor["container"]["image"].startswith("e4srec/e4srec-cpu:")
+        assert executor["container"]["image"].startswith("registry.example.com/e4srec/e4srec-")
         assert "pip install" not in " ".join(executor["container"]["command"])  # kfp and e4srec are in the image
 
 
@@ -87,3 +87,48 @@ def test_local_run_skipping_instruction_tune(tmp_path: Path, beauty_slice: Path)
     (descriptor,) = run_dir.glob("instruction-tune*/backbone/backbone.json")
     assert c.read_json(descriptor)["skipped"] is True
     assert not (tmp_path / "mlflow.db").exists()  # --no-tracking
+
+
+def executor_of(spec: dict, task: dict) -> dict:
+    component = spec["components"][task["componentRef"]["name"]]
+    return spec["deploymentSpec"]["executors"][component["executorLabel"]]
+
+
+def all_tasks(spec: dict) -> dict[str, dict]:
+    """Every task of the root DAG and of the condition sub-DAGs, by name."""
+    found = dict(spec["root"]["dag"]["tasks"])
+    for comp in spec["components"].values():
+        found.update(comp.get("dag", {}).get("tasks", {}))
+    return found
+
+
+def test_cluster_profile_settings_are_in_the_compiled_yaml() -> None:
+    spec, platform = list(yaml.safe_load_all((REPO / "pipeline.yaml").read_text()))
+    tasks = all_tasks(spec)
+    assert spec["defaultPipelineRoot"] == "s3://e4srec-pipelines/root"
+    e4srec_exec = executor_of(spec, tasks["train-e4srec"])["container"]
+    assert e4srec_exec["image"].startswith("registry.example.com/e4srec/e4srec-cuda:")
+    accelerator = e4srec_exec["resources"]["accelerator"]
+    assert (accelerator["resourceCount"], accelerator["resourceType"]) == ("1", "nvidia.com/gpu")
+    data_exec = executor_of(spec, tasks["prepare-data"])["container"]
+    assert "accelerator" not in data_exec.get("resources", {}) and "e4srec-cpu" in data_exec["image"]
+    env = {e["name"]: e["value"] for e in data_exec["env"]}
+    assert env["MLFLOW_TRACKING_URI"].startswith("http://mlflow.") and env["AWS_ENDPOINT_URL"]
+    assert tasks["prepare-data"]["cachingOptions"] == {"enableCache": True}
+    assert tasks["deploy"]["cachingOptions"] == {} or not tasks["deploy"]["cachingOptions"].get("enableCache")
+    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    gpu_exec = k8s[spec["components"][tasks["train-e4srec"]["componentRef"]["name"]]["executorLabel"]]
+    assert gpu_exec["nodeSelector"]["labels"] == {"nvidia.com/gpu.present": "true"}
+    secrets = {s["secretName"]: {m["secretKey"]: m["envVar"] for m in s["keyToEnv"]} for s in gpu_exec["secretAsEnv"]}
+    assert secrets["e4srec-s3-credentials"] == {"access-key": "AWS_ACCESS_KEY_ID", "secret-key": "AWS_SECRET_ACCESS_KEY"}
+
+
+def test_compiled_yaml_holds_no_credentials(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    for var in ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"):
+        monkeypatch.setenv(var, f"leak-{var.lower()}-0123456789")
+    text = compile_pipeline(tmp_path / "p.yaml").read_text()
+    assert "leak-" not in text
+    assert text == (REPO / "pipeline.yaml").read_text()  # the environment does not change the spec
+    import re
+
+    assert not re.search(r"AKIA[0-9A-Z]{16}", text)  # no AWS access key id of any kind

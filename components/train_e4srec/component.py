@@ -38,12 +38,16 @@ def train_e4srec(
     seed: int = 42,
     device: str = "auto",
     threads: int = 0,
+    nproc_per_node: int = 1,
     tracking: bool = True,
     experiment: str = "e4srec",
     pipeline_run_id: str = "",
     pipeline_run_name: str = "",
 ):
-    """Train E4SRec (frozen LLM, LoRA, projection, item head) and rank the whole catalog."""
+    """Train E4SRec (frozen LLM, LoRA, projection, item head) and rank the whole catalog.
+
+    `nproc_per_node` > 1 trains data-parallel over that many processes in the pod (one per GPU) with torchrun.
+    """
     from e4srec import contracts
     from e4srec.kfp_artifacts import publish_metrics
     from e4srec.stages import train_e4srec as stage
@@ -57,9 +61,10 @@ def train_e4srec(
         bucket_by_length=bucket_by_length, checkpoint_every=checkpoint_every, checkpoint_dir=checkpoint_dir,
         resume=resume, seed=seed, device=device, threads=threads,
     )
-    values = stage.run_tracked(config, data.path, sasrec.path, llm_uri, model.path, tracking=tracking,
-                               experiment=experiment, pipeline_run_id=pipeline_run_id,
-                               pipeline_run_name=pipeline_run_name)
+    run = stage.run_tracked if nproc_per_node <= 1 else stage.run_distributed
+    extra = {} if nproc_per_node <= 1 else {"nproc": nproc_per_node}
+    values = run(config, data.path, sasrec.path, llm_uri, model.path, tracking=tracking, experiment=experiment,
+                 pipeline_run_id=pipeline_run_id, pipeline_run_name=pipeline_run_name, **extra)
     saved = contracts.read_json(f"{model.path}/{stage.CONFIG}")
     model.metadata.update({"item_map_sha256": saved["item_map_sha256"], "backbone": saved["llm"]["backbone"],
                            "kind": "e4srec", "framework": "pytorch+peft"})

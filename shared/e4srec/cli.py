@@ -70,7 +70,9 @@ def cmd_train_e4srec(args: argparse.Namespace) -> int:
 
     config = cfg.from_namespace(stage.TrainE4SRecConfig, args)
     metrics = stage.run_tracked(config, args.data, args.sasrec, args.llm, args.output, overwrite=args.overwrite,
-                                tracking=args.tracking, experiment=args.experiment)
+                                tracking=args.tracking, experiment=args.experiment,
+                                pipeline_run_id=os.environ.get("E4SREC_PIPELINE_RUN_ID", ""),
+                                pipeline_run_name=os.environ.get("E4SREC_PIPELINE_RUN_NAME", ""))
     if metrics:  # rank 0 (under torchrun the other processes return nothing)
         _print_metrics(metrics, "E4SRec")
         print(f"wrote {args.output}")
@@ -192,11 +194,60 @@ def cmd_run(args: argparse.Namespace) -> int:
                      params=params)
 
 
+def _auth_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("Kubeflow")
+    g.add_argument("--host", help="Kubeflow Pipelines API endpoint, e.g. https://kubeflow.example.com/pipeline")
+    g.add_argument("--namespace", help="Kubeflow profile namespace (multi-user clusters)")
+    g.add_argument("--experiment", dest="kfp_experiment", default="e4srec", help="KFP experiment name (default: e4srec)")
+    g.add_argument("--run-name", help="KFP run name")
+    auth = g.add_mutually_exclusive_group()
+    auth.add_argument("--token", default=os.environ.get("KFP_TOKEN"), help="bearer token (default: $KFP_TOKEN)")
+    auth.add_argument("--cookie", help="session cookie of an auth proxy, e.g. 'authservice_session=...'")
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from e4srec_pipelines.submit import submit
+
+    args.host = args.host or os.environ.get("KF_PIPELINES_ENDPOINT")
+    if not args.host:
+        raise E4SRecError("submit needs --host (the Kubeflow Pipelines API URL) or KF_PIPELINES_ENDPOINT")
+    arguments = {k: getattr(args, k) for k in args.pipeline_params}
+    arguments["input_uri"] = args.input
+    arguments["instructions_uri"] = args.instructions or ""
+    result = submit(arguments, host=args.host, profile=args.profile, namespace=args.namespace,
+                    experiment=args.kfp_experiment, run_name=args.run_name, token=args.token, cookie=args.cookie)
+    print(f"submitted run {result.run_id} to {args.host} (experiment {args.kfp_experiment}, profile {args.profile})")
+    return 0
+
+
+def cmd_rerun(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from e4srec_pipelines.submit import rerun_pipeline, submit_package
+
+    overrides = dict(item.split("=", 1) for item in args.input_override)
+    pipeline = rerun_pipeline(args.stage, args.from_run, args.set, profile=args.profile, overrides=overrides)
+    if args.host:
+        from kfp import compiler
+
+        with tempfile.TemporaryDirectory() as tmp:
+            package = Path(tmp) / "rerun.yaml"
+            compiler.Compiler().compile(pipeline, str(package))
+            result = submit_package(package, {}, host=args.host, namespace=args.namespace,
+                                    experiment=args.kfp_experiment, run_name=args.run_name, token=args.token,
+                                    cookie=args.cookie)
+        print(f"submitted rerun of {args.stage}: run {result.run_id}")
+        return 0
+    from e4srec.local import run_one_stage
+
+    return run_one_stage(pipeline, args.pipeline_root)
+
+
 def cmd_compile(args: argparse.Namespace) -> int:
     from e4srec_pipelines import compile_pipeline
 
-    path = compile_pipeline(args.output)
-    print(f"wrote {path}")
+    path = compile_pipeline(args.output, profile=args.profile)
+    print(f"wrote {path} (profile {args.profile})")
     return 0
 
 
@@ -350,10 +401,48 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(flag, type=tp, default=default, help=help_text)
         names.append(name)
     p.set_defaults(func=cmd_run, pipeline_params=names)
+    run_parser = p
+
+    p = sub.add_parser("submit", help="compile and start a run on Kubeflow Pipelines", formatter_class=fmt,
+                       description="Compile the pipeline for a profile (default: cluster) and create a run through "
+                                   "kfp.Client. Inputs are URIs the cluster can read (s3://...).")
+    p.add_argument("--input", required=True, help="raw dataset URI, e.g. s3://bucket/raw/Beauty.txt")
+    p.add_argument("--instructions", help="instruction data URI (for --instruction-tune-backbone)")
+    p.add_argument("--profile", default="cluster", help="cluster, local, or a profile YAML")
+    _auth_args(p)
+    for name in names:
+        action = run_parser._option_string_actions["--" + name.replace("_", "-")]
+        if name == "experiment":  # --experiment is the KFP experiment here
+            p.add_argument("--mlflow-experiment", dest="experiment", default=action.default, help=action.help)
+        elif isinstance(action, argparse.BooleanOptionalAction):
+            p.add_argument(*action.option_strings, action=argparse.BooleanOptionalAction, default=action.default,
+                           help=action.help)
+        else:
+            p.add_argument(action.option_strings[0], type=action.type, default=action.default, help=action.help)
+    p.set_defaults(func=cmd_submit, pipeline_params=names)
+
+    p = sub.add_parser("rerun", help="rerun one stage on an earlier run's outputs",
+                       description="Build a one-stage pipeline whose inputs are an earlier run's outputs, brought in "
+                                   "with dsl.importer; run it here (kfp.local) or, with --host, on Kubeflow.")
+    from e4srec_pipelines.submit import RERUN_INPUTS
+
+    p.add_argument("stage", choices=list(RERUN_INPUTS), help="the stage to run again")
+    p.add_argument("--from", dest="from_run", required=True,
+                   help="the earlier run's folder (runs/e4srec-...) or an s3:// prefix with the same layout")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a stage parameter (its component's), repeatable: --set epochs=5 --set loss=ce")
+    p.add_argument("--input-override", action="append", default=[], metavar="INPUT=URI",
+                   help="take one input from elsewhere, e.g. --input-override sasrec=s3://bucket/x/model")
+    p.add_argument("--profile", default="local", help="local (run here), cluster, or a profile YAML")
+    p.add_argument("--pipeline-root", type=Path, default=Path("runs"), help="where a local rerun's outputs land")
+    _auth_args(p)
+    p.set_defaults(func=cmd_rerun)
 
     p = sub.add_parser("compile", help="compile the pipeline to KFP IR YAML", formatter_class=fmt,
                        description="Write the Kubeflow Pipelines spec that `kfp` clients and the UI upload.")
-    p.add_argument("--output", type=str, default=Path("pipeline.yaml"), help="YAML file to write")
+    p.add_argument("--output", type=str, default="pipeline.yaml", help="YAML file to write")
+    p.add_argument("--profile", default="cluster", help="local, cluster, or a profile YAML (images, pipeline root, "
+                                                      "environment, secrets, GPUs, caching)")
     p.set_defaults(func=cmd_compile)
     return parser
 

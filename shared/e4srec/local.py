@@ -45,7 +45,7 @@ def run_local(input_path: Path | str, instructions: Path | str | None, pipeline_
     # non-Python image; here the tasks run in this very environment, so the warning does not apply.
     warnings.filterwarnings("ignore", message="You may be attemping to run a task", category=RuntimeWarning)
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=False)
-    task = create_pipeline()(input_uri=str(input_path), instructions_uri=instructions_uri, **params)
+    task = create_pipeline("local")(input_uri=str(input_path), instructions_uri=instructions_uri, **params)
     outputs = task.outputs
     sasrec = Path(outputs["sasrec"].path) if "sasrec" in outputs else None
     e4srec = Path(outputs["e4srec"].path) if "e4srec" in outputs else None
@@ -90,4 +90,25 @@ def run_local(input_path: Path | str, instructions: Path | str | None, pipeline_
     mlflow_cmd = str(beside) if beside.exists() and not shutil.which("mlflow") else "mlflow"
     print(f"MLflow runs:       {uri}  (experiment {params.get('experiment', 'e4srec')!r})")
     print(f"  open the UI:     {mlflow_cmd} ui --backend-store-uri {uri}   (then http://127.0.0.1:5000)")
+    return 0
+
+
+def run_one_stage(pipeline: Any, pipeline_root: Path | str) -> int:
+    """Run a one-stage (rerun) pipeline through kfp.local and say where its outputs are."""
+    from kfp import local
+
+    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{Path.cwd() / 'mlflow.db'}")
+    root = Path(pipeline_root).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    warnings.filterwarnings("ignore", message="You may be attemping to run a task", category=RuntimeWarning)
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=False)
+    before = set(root.iterdir())
+    pipeline()
+    new = sorted(set(root.iterdir()) - before)
+    failed = not new or not any(p.name == "executor_output.json" for p in new[-1].rglob("executor_output.json"))
+    if failed:
+        raise E4SRecError(f"the rerun failed; its log is above (outputs under {root})")
+    print(f"\nRerun outputs:     {new[-1]}")
+    for item in sorted(p for p in new[-1].iterdir() if p.is_dir()):
+        print(f"  {item.name}: {', '.join(sorted(x.name for x in item.iterdir()))}")
     return 0

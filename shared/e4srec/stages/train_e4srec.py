@@ -408,6 +408,37 @@ def load_model(model_dir: Path | str, device: torch.device | str = "cpu") -> E4S
     return model.to(device).eval()
 
 
+def run_distributed(config: TrainE4SRecConfig, data_dir: Path | str, sasrec_dir: Path | str, llm: Path | str,
+                    output: Path | str, nproc: int, *, tracking: bool = True, experiment: str = "e4srec",
+                    pipeline_run_id: str = "", pipeline_run_name: str = "") -> dict[str, float]:
+    """Train with `nproc` data-parallel processes on this machine (a pod's GPUs) through torchrun.
+
+    The processes run `e4srec train-e4srec` with the same settings; rank 0 tracks and writes `output`.
+    """
+    import socket
+    import subprocess
+    import sys
+
+    preflight(output, False)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
+           "127.0.0.1", "--master_port", str(port), "-m", "e4srec.cli", "train-e4srec", "--data", str(data_dir),
+           "--sasrec", str(sasrec_dir), "--llm", str(llm), "--output", str(output), "--experiment", experiment]
+    for name, value in cfg.to_dict(config).items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            cmd.append(flag if value else "--no-" + name.replace("_", "-"))
+        else:
+            cmd += [flag, str(value)]
+    cmd.append("--tracking" if tracking else "--no-tracking")
+    env = {**os.environ, "E4SREC_PIPELINE_RUN_ID": pipeline_run_id, "E4SREC_PIPELINE_RUN_NAME": pipeline_run_name}
+    if subprocess.run(cmd, env=env).returncode != 0:
+        raise E4SRecError(f"data-parallel training with {nproc} processes failed; see the log above")
+    return c.read_json(fetch(output) / c.METRICS) if is_s3(output) else c.read_json(Path(output) / c.METRICS)
+
+
 def run_tracked(config: TrainE4SRecConfig, data_dir: Path | str, sasrec_dir: Path | str, llm: Path | str,
                 output: Path | str, *, overwrite: bool = False, tracking: bool = True, experiment: str = "e4srec",
                 pipeline_run_id: str = "", pipeline_run_name: str = "", progress: bool = True) -> dict[str, float]:

@@ -19,8 +19,12 @@ def model(**kw: object) -> SASRec:
     return SASRec(SASRecConfig(n_items=30, dim=16, max_len=8, dropout=0.0, **kw)).eval()
 
 
-def test_changing_a_later_item_leaves_earlier_outputs_unchanged() -> None:
-    m = model(n_heads=2)
+ARCHS = pytest.mark.parametrize("arch", ["kang", "s3rec"])
+
+
+@ARCHS
+def test_changing_a_later_item_leaves_earlier_outputs_unchanged(arch: str) -> None:
+    m = model(n_heads=2, arch=arch)
     seq = torch.tensor([[0, 0, 3, 7, 1, 9, 4, 2]])
     base = m(seq)
     for t in range(2, 7):
@@ -31,8 +35,9 @@ def test_changing_a_later_item_leaves_earlier_outputs_unchanged() -> None:
         assert not torch.allclose(out[0, t + 1], base[0, t + 1])
 
 
-def test_trimmed_batch_equals_full_width_and_padding_is_inert() -> None:
-    m = model()
+@ARCHS
+def test_trimmed_batch_equals_full_width_and_padding_is_inert(arch: str) -> None:
+    m = model(arch=arch)
     full = torch.tensor([[0, 0, 0, 0, 0, 5, 6, 7], [0, 0, 0, 1, 2, 3, 4, 5]])
     trimmed = full[:, -5:]
     torch.testing.assert_close(m(full)[:, -5:], m(trimmed))
@@ -41,10 +46,10 @@ def test_trimmed_batch_equals_full_width_and_padding_is_inert() -> None:
     assert torch.isneginf(m.score_all_items(full)[:, 0]).all()  # padding is never predicted
 
 
-@pytest.mark.parametrize("loss", ["bce", "ce"])
-def test_loss_falls_on_a_learnable_pattern(loss: str) -> None:
+@pytest.mark.parametrize(("loss", "arch"), [("bce", "kang"), ("ce", "kang"), ("bce", "s3rec")])
+def test_loss_falls_on_a_learnable_pattern(loss: str, arch: str) -> None:
     torch.manual_seed(0)
-    m = SASRec(SASRecConfig(n_items=30, dim=16, max_len=8, dropout=0.0, loss=loss))
+    m = SASRec(SASRecConfig(n_items=30, dim=16, max_len=8, dropout=0.0, loss=loss, arch=arch))
     seqs = torch.stack([torch.arange(s, s + 8) % 30 + 1 for s in range(20)])  # item i is followed by i+1
     inputs, targets = seqs[:, :-1], seqs[:, 1:]
     opt = torch.optim.Adam(m.parameters(), lr=1e-2)
@@ -117,3 +122,22 @@ def test_early_stopping_keeps_the_best_epoch(prepared: Path) -> None:
     scores = [r["valid/full/NDCG@10"] for r in log]
     assert best_epoch == 1 + int(np.argmax(scores))
     assert len(log) == 6 or scores[-1] <= max(scores[:-1])
+
+
+def test_s3rec_arch_saves_and_reloads_and_old_configs_read_as_kang(prepared: Path, sasrec_dir: Path,
+                                                                    tmp_path: Path) -> None:
+    data = c.load_sequence_data(prepared)
+    out = tmp_path / "s3rec"
+    stage.run(stage.PretrainSasrecConfig(arch="s3rec", epochs=1, device="cpu"), prepared, out, progress=False)
+    m = stage.load_model(out, data)
+    assert m.config.arch == "s3rec" and hasattr(m, "emb_norm")
+    history = torch.as_tensor(data.train_matrix()[:4, -data.max_len:])
+    metrics = c.read_json(out / c.METRICS)
+    assert 0 <= metrics["test/full/HR@10"] <= 1
+    assert torch.isfinite(m.score_all_items(history)[:, 1:]).all()
+    # A config written before `arch` existed has no such key: it is the kang model it was.
+    legacy = c.read_json(sasrec_dir / stage.CONFIG)
+    legacy["model"].pop("arch", None)
+    assert SASRecConfig(**legacy["model"]).arch == "kang"
+    with pytest.raises(E4SRecError, match="arch='bert'"):
+        SASRecConfig(n_items=5, arch="bert")

@@ -1,10 +1,18 @@
 """SASRec (Kang & McAuley, ICDM 2018): self-attentive sequential recommendation.
 
-Read top to bottom: blocks, config, model. The model follows the paper and its reference code:
-learned absolute positions, item embeddings scaled by sqrt(d), pre-norm blocks whose attention
-queries are normalised but keys and values are not, point-wise feed-forward, causal attention,
-shared item embeddings for input and output. Two losses: `bce` (one sampled negative per position,
-the paper's) and `ce` (softmax over all items, which ranks far better on sparse data).
+Read top to bottom: blocks, config, model. Two architectures share everything else (learned absolute
+positions, causal attention over non-padding keys, shared item embeddings for input and output):
+
+- `kang`: the paper's reference code. Item embeddings scaled by sqrt(d), pre-norm blocks whose
+  attention queries are normalised but keys and values are not, a d -> d ReLU feed-forward, a final
+  LayerNorm, Xavier initialisation.
+- `s3rec`: the SASRec of the S3-Rec code (Zhou et al. 2020, reused by CL4SRec and its successors),
+  which produced the published full-ranking numbers on the Amazon files. A LayerNorm over item +
+  position embeddings, post-norm BERT blocks (residual, then LayerNorm), a d -> 4d -> d GELU
+  feed-forward, N(0, 0.02) initialisation.
+
+Two losses: `bce` (one sampled negative per position, the paper's) and `ce` (softmax over all items,
+which ranks far better on sparse data).
 
 Sequences are left-padded with item 0, so the last column is always the most recent item. Batches
 may be trimmed to their longest sequence: positions count from the right end of the `max_len`
@@ -58,7 +66,7 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    """One SASRec block. Queries are normalised, keys/values are not, as in the reference code."""
+    """One `kang` block. Queries are normalised, keys/values are not, as in the reference code."""
 
     def __init__(self, dim: int, n_heads: int, dropout: float) -> None:
         super().__init__()
@@ -73,6 +81,25 @@ class Block(nn.Module):
         return self.ffn(self.ffn_norm(x)) * keep  # padding positions stay zero
 
 
+class PostNormBlock(nn.Module):
+    """One `s3rec` block: attention and a 4x GELU feed-forward, each added to its input then normalised."""
+
+    def __init__(self, dim: int, n_heads: int, dropout: float) -> None:
+        super().__init__()
+        self.attn = CausalSelfAttention(dim, n_heads, dropout)
+        self.attn_drop = nn.Dropout(dropout)
+        self.attn_norm = nn.LayerNorm(dim, eps=1e-12)
+        self.ffn = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim), nn.Dropout(dropout))
+        self.ffn_norm = nn.LayerNorm(dim, eps=1e-12)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        x = self.attn_norm(x + self.attn_drop(self.attn(x, x, mask)))
+        return self.ffn_norm(x + self.ffn(x)) * keep  # padding positions stay zero
+
+
+ARCHITECTURES = ("kang", "s3rec")
+
+
 @dataclass
 class SASRecConfig:
     """Architecture and objective; saved as `config.json` beside the weights."""
@@ -84,6 +111,7 @@ class SASRecConfig:
     max_len: int = 50
     dropout: float = 0.5
     loss: str = "bce"
+    arch: str = "kang"  # configs saved before `s3rec` existed name no arch: they are `kang`
 
     def __post_init__(self) -> None:
         if self.n_items < 1:
@@ -92,6 +120,8 @@ class SASRecConfig:
             raise E4SRecError(f"SASRecConfig.dim={self.dim} is not divisible by n_heads={self.n_heads}")
         if self.loss not in ("bce", "ce"):
             raise E4SRecError(f"SASRecConfig.loss={self.loss!r}: expected 'bce' or 'ce'")
+        if self.arch not in ARCHITECTURES:
+            raise E4SRecError(f"SASRecConfig.arch={self.arch!r}: expected one of {', '.join(ARCHITECTURES)}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -108,16 +138,22 @@ class SASRec(nn.Module):
         self.item_emb = nn.Embedding(config.n_items + 1, d, padding_idx=0)
         self.pos_emb = nn.Embedding(config.max_len, d)
         self.emb_drop = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(Block(d, config.n_heads, config.dropout) for _ in range(config.n_blocks))
-        self.final_norm = nn.LayerNorm(d, eps=1e-8)
+        block = Block if config.arch == "kang" else PostNormBlock
+        self.blocks = nn.ModuleList(block(d, config.n_heads, config.dropout) for _ in range(config.n_blocks))
+        if config.arch == "kang":
+            self.final_norm = nn.LayerNorm(d, eps=1e-8)  # after the last pre-norm block
+        else:
+            self.emb_norm = nn.LayerNorm(d, eps=1e-12)  # before the first post-norm block
         self.apply(self._init)
 
-    @staticmethod
-    def _init(m: nn.Module) -> None:
-        # Xavier for every matrix, as the reference code does; it trains markedly better here than
-        # PyTorch's defaults (N(0, 1) embeddings swamp the positions).
+    def _init(self, m: nn.Module) -> None:
+        # kang: Xavier for every matrix, as its reference code does; it trains markedly better than
+        # PyTorch's defaults (N(0, 1) embeddings swamp the positions). s3rec: BERT's N(0, 0.02).
         if isinstance(m, (nn.Linear, nn.Embedding)):
-            nn.init.xavier_normal_(m.weight)
+            if self.config.arch == "kang":
+                nn.init.xavier_normal_(m.weight)
+            else:
+                nn.init.normal_(m.weight, std=0.02)
         if isinstance(m, nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)
         if isinstance(m, nn.Embedding) and m.padding_idx is not None:
@@ -131,7 +167,10 @@ class SASRec(nn.Module):
             raise E4SRecError(f"sequence width {T} exceeds max_len {self.config.max_len}; cut histories first")
         keep = (seqs > 0).unsqueeze(-1)  # (B, T, 1)
         positions = torch.arange(self.config.max_len - T, self.config.max_len, device=seqs.device)  # (T,)
-        x = self.item_emb(seqs) * math.sqrt(self.config.dim) + self.pos_emb(positions)  # (B, T, d)
+        if self.config.arch == "kang":
+            x = self.item_emb(seqs) * math.sqrt(self.config.dim) + self.pos_emb(positions)  # (B, T, d)
+        else:
+            x = self.emb_norm(self.item_emb(seqs) + self.pos_emb(positions))  # (B, T, d)
         x = self.emb_drop(x) * keep
         causal = torch.ones(T, T, dtype=torch.bool, device=seqs.device).tril()  # (T, T)
         # A padded query would see no key at all (NaN softmax): let every position see itself.
@@ -139,7 +178,7 @@ class SASRec(nn.Module):
         mask = mask.unsqueeze(1)  # (B, 1, T, T), broadcast over heads
         for block in self.blocks:
             x = block(x, mask, keep)
-        return self.final_norm(x)  # (B, T, d)
+        return self.final_norm(x) if self.config.arch == "kang" else x  # (B, T, d)
 
     def loss(self, inputs: torch.Tensor, targets: torch.Tensor, negatives: torch.Tensor | None = None) -> torch.Tensor:
         """Mean next-item loss over non-padding positions.

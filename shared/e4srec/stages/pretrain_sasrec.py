@@ -33,7 +33,7 @@ from e4srec.errors import E4SRecError
 from e4srec.evaluate import evaluate
 from e4srec.outputs import preflight, staged_output
 from e4srec.progress import progress as progress_bar
-from e4srec.sasrec import SASRec, SASRecConfig
+from e4srec.sasrec import ARCHITECTURES, SASRec, SASRecConfig
 from e4srec.storage import fetch
 from e4srec.tracking import Tracker, figure_to_artifact, stage_run
 
@@ -51,6 +51,8 @@ class PretrainSasrecConfig:
 
     loss: str = cfg.option("bce", "bce: one sampled negative per position (the paper); ce: softmax over all items",
                            choices=("bce", "ce"))
+    arch: str = cfg.option("kang", "kang: the SASRec paper's code (pre-norm, ReLU); s3rec: the S3-Rec code "
+                                   "behind the published Amazon numbers (post-norm, GELU)", choices=ARCHITECTURES)
     epochs: int = cfg.option(200, "maximum epochs (early stopping usually ends sooner)")
     batch_size: int = cfg.option(128, "users per training batch")
     lr: float = cfg.option(1e-3, "Adam learning rate")
@@ -132,7 +134,7 @@ def train(config: PretrainSasrecConfig, data: c.SequenceData, tracker: Tracker |
     torch.manual_seed(config.seed)
     model_config = SASRecConfig(n_items=data.n_items, dim=config.dim, n_blocks=config.n_blocks,
                                 n_heads=config.n_heads, max_len=data.max_len, dropout=config.dropout,
-                                loss=config.loss)
+                                loss=config.loss, arch=config.arch)
     model = SASRec(model_config).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, betas=(0.9, 0.98),
                                  weight_decay=config.weight_decay)

@@ -139,7 +139,9 @@ class E4SRec(nn.Module):
     def prefix_cache(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per-layer (keys, values) of the instruction tokens, batch 1: compute once per set of weights."""
         out = self.llm(inputs_embeds=self._embed_tokens(self.prefix_ids)[None], use_cache=True)
-        cache = out.past_key_values
+        cache = out.get("cache")  # renamed from past_key_values in transformers 5.2x
+        if cache is None:
+            cache = out.past_key_values
         return [(layer.keys, layer.values) for layer in cache.layers]
 
     @torch.no_grad()

@@ -63,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         "seconds_per_epoch": round(sum(r["train/seconds"] for r in log) / len(log), 2),
         "wall_seconds": round(time.perf_counter() - t0, 1),
         "test": {k: round(v, 4) for k, v in test.items()},
+        "valid_ndcg10_by_epoch": [round(r[pretrain_sasrec.EARLY_STOP_METRIC], 4) for r in log
+                                  if pretrain_sasrec.EARLY_STOP_METRIC in r],
         "reference": reference,
         "meets_reference": {k: test[k] >= v for k, v in reference.items()},
     }

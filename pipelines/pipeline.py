@@ -101,7 +101,7 @@ def create_pipeline(profile: str | Path | Profile = "cluster", *, name: str = PI
         sasrec_batch_size: int = 128,
         sasrec_lr: float = 1e-3,
         sasrec_dropout: float = 0.5,
-        sasrec_patience: int = 20,
+        sasrec_patience: int = 40,
         backbone: str = "smollm2-135m",
         backbone_dtype: str = "auto",
         quantization: str = "none",

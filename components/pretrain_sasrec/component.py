@@ -12,6 +12,7 @@ def pretrain_sasrec(
     model: Output[Model],
     metrics: Output[Metrics],
     loss: str = "bce",
+    arch: str = "kang",
     epochs: int = 200,
     batch_size: int = 128,
     lr: float = 1e-3,
@@ -21,7 +22,7 @@ def pretrain_sasrec(
     n_heads: int = 1,
     dropout: float = 0.5,
     eval_every: int = 1,
-    patience: int = 20,
+    patience: int = 40,
     eval_batch_size: int = 1024,
     bucket_by_length: bool = True,
     seed: int = 42,
@@ -38,7 +39,7 @@ def pretrain_sasrec(
     from e4srec.stages import pretrain_sasrec as stage
 
     config = stage.PretrainSasrecConfig(
-        loss=loss, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, dim=dim,
+        loss=loss, arch=arch, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, dim=dim,
         n_blocks=n_blocks, n_heads=n_heads, dropout=dropout, eval_every=eval_every, patience=patience,
         eval_batch_size=eval_batch_size, bucket_by_length=bucket_by_length, seed=seed, device=device,
         threads=threads,

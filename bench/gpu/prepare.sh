@@ -22,9 +22,9 @@ mv "$G/smol.part.01" "$G/b/"
 md5sum "$gguf" | cut -d' ' -f1 > "$G/b/smol.md5"
 
 site=$($PY -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
-cp -r "$site/gguf" "$G/a/site/"
-rsync -a --exclude '__pycache__' --exclude 'libbitsandbytes_cuda1[12]*' --exclude 'libbitsandbytes_rocm*' \
-    --exclude 'libbitsandbytes_xpu*' "$site/bitsandbytes" "$G/a/site/"
+cp -r "$site/gguf" "$site/bitsandbytes" "$G/a/site/"
+find "$G/a/site" -name __pycache__ -prune -exec rm -rf {} +
+rm -f "$G"/a/site/bitsandbytes/libbitsandbytes_{cuda11,cuda12,rocm,xpu}*.so  # keep CUDA 13 (the image's) and CPU
 
 .venv/bin/e4srec prepare-data --input data/Beauty.txt --output "$G/b/data" --no-tracking
 .venv/bin/e4srec pretrain-sasrec --data "$G/b/data" --output "$G/sasrec" --loss ce --threads 2 \

@@ -42,6 +42,27 @@ def test_prefix_cache_gives_the_uncached_scores() -> None:
     assert torch.isneginf(plain[:, 0]).all() and torch.isneginf(cached[:, 0]).all()  # padding never predicted
 
 
+def test_shared_prefix_training_gives_the_per_row_loss_and_gradients() -> None:
+    model = tiny_model()
+    model.train()
+    for m in model.modules():  # LoRA dropout off: the one intended difference is its sampling
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    histories, targets = HISTORIES[:3], torch.tensor([7, 1, 30])
+    grads = []
+    for shared in (False, True):
+        model.zero_grad(set_to_none=True)
+        loss = model.loss(histories, targets, shared_prefix=shared)
+        loss.backward()
+        grads.append((loss.detach(), {n: p.grad.clone() for n, p in model.trainable_state().items()}))
+    (plain_loss, plain), (shared_loss, shared) = grads
+    torch.testing.assert_close(shared_loss, plain_loss, atol=1e-5, rtol=1e-5)
+    assert plain.keys() == shared.keys() and any("lora_A" in n for n in plain)
+    for name, g in plain.items():
+        assert g.abs().sum() > 0, name  # the prefix's LoRA weights get gradients through the shared keys/values
+        torch.testing.assert_close(shared[name], g, atol=1e-5, rtol=1e-4, msg=name)
+
+
 def test_left_padding_makes_a_row_independent_of_its_batch() -> None:
     model = tiny_model()
     batched = model.score_all_items(HISTORIES)

@@ -31,6 +31,7 @@ def train_e4srec(
     eval_users: int = 0,
     eval_batch_size: int = 64,
     prefix_cache: bool = True,
+    shared_prefix: bool = True,
     bucket_by_length: bool = True,
     checkpoint_every: int = 0,
     checkpoint_dir: str = "",
@@ -57,7 +58,7 @@ def train_e4srec(
         grad_accum=grad_accum, lr=lr, warmup_ratio=warmup_ratio, weight_decay=weight_decay,
         max_grad_norm=max_grad_norm, item_dim=item_dim, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
         target_modules=target_modules, max_targets_per_user=max_targets_per_user, max_examples=max_examples,
-        eval_users=eval_users, eval_batch_size=eval_batch_size, prefix_cache=prefix_cache,
+        eval_users=eval_users, eval_batch_size=eval_batch_size, prefix_cache=prefix_cache, shared_prefix=shared_prefix,
         bucket_by_length=bucket_by_length, checkpoint_every=checkpoint_every, checkpoint_dir=checkpoint_dir,
         resume=resume, seed=seed, device=device, threads=threads,
     )

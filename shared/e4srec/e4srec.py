@@ -15,7 +15,11 @@ history sees exactly the positions it would see alone in a batch of one.
 Why a prefix cache helps: the instruction tokens are the same for every user, come first, and (with
 position ids from 0) produce the same keys and values in every row. Scoring computes them once (batch
 1) and reuses them for every batch; the items and the response prefix then follow, with the padding
-between them masked, which gives the same attention as the left-padded layout.
+between them masked, which gives the same attention as the left-padded layout. Training does the same
+per step (`shared_prefix=True`): LoRA changes the prefix's keys and values, so they are recomputed
+once per batch, with gradients, instead of once per row. The prefix is most of a Beauty prompt (54 of
+about 70 tokens), so this is most of the work saved; the only difference is that LoRA dropout on the
+instruction tokens is drawn once per batch rather than once per row.
 """
 
 from __future__ import annotations
@@ -121,28 +125,53 @@ class E4SRec(nn.Module):
         out = self.llm(inputs_embeds=x, attention_mask=mask, position_ids=position_ids(mask))
         return out.last_hidden_state[:, -1]  # (B, H): the response prefix's last token
 
-    def logits(self, histories: torch.Tensor) -> torch.Tensor:
-        """(B, N+1) item logits, padding column at -inf, through the uncached path (training)."""
-        logits = self.head(self._last_hidden(histories)).float()
-        logits[:, 0] = float("-inf")
-        return logits
-
-    def forward(self, histories: torch.Tensor) -> torch.Tensor:
-        """Training logits (what DistributedDataParallel calls)."""
-        return self.logits(histories)
-
-    def loss(self, histories: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy over all items of the next item `targets` (B,) after `histories` (B, L)."""
-        return F.cross_entropy(self.logits(histories), targets)
-
-    @torch.no_grad()
-    def prefix_cache(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per-layer (keys, values) of the instruction tokens, batch 1: compute once per set of weights."""
+    def _prefix_kv(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per-layer (keys, values) of the instruction tokens, batch 1, under the current weights."""
         out = self.llm(inputs_embeds=self._embed_tokens(self.prefix_ids)[None], use_cache=True)
         cache = out.get("cache")  # renamed from past_key_values in transformers 5.2x
         if cache is None:
             cache = out.past_key_values
         return [(layer.keys, layer.values) for layer in cache.layers]
+
+    def _last_hidden_after_prefix(self, histories: torch.Tensor,
+                                  prefix: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """Hidden state of the final position, the instruction given as keys/values (B, L) -> (B, H)."""
+        from transformers import DynamicCache
+
+        B, P = histories.shape[0], len(self.prefix_ids)
+        suffix = self._embed_tokens(self.suffix_ids).expand(B, -1, -1)  # (B, S, H)
+        x = torch.cat([self._items(histories), suffix], 1)  # (B, L+S, H), pads first
+        new_mask = torch.cat([(histories > 0).long(), torch.ones_like(histories[:, :1]).expand(-1, suffix.shape[1])], 1)
+        mask = torch.cat([torch.ones(B, P, dtype=torch.long, device=x.device), new_mask], 1)  # (B, P+L+S)
+        past = DynamicCache(ddp_cache_data=[(k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)) for k, v in prefix],
+                            config=self.llm.get_base_model().config)
+        out = self.llm(inputs_embeds=x, attention_mask=mask, position_ids=position_ids(new_mask, offset=P),
+                       use_cache=True, **{self._cache_kwarg: past})
+        return out.last_hidden_state[:, -1]  # (B, H)
+
+    def logits(self, histories: torch.Tensor, shared_prefix: bool = False) -> torch.Tensor:
+        """(B, N+1) item logits with gradients, padding column at -inf (training).
+
+        shared_prefix: compute the instruction tokens once for the batch rather than once per row.
+        """
+        hidden = (self._last_hidden_after_prefix(histories, self._prefix_kv()) if shared_prefix
+                  else self._last_hidden(histories))
+        logits = self.head(hidden).float()
+        logits[:, 0] = float("-inf")
+        return logits
+
+    def forward(self, histories: torch.Tensor, shared_prefix: bool = False) -> torch.Tensor:
+        """Training logits (what DistributedDataParallel calls)."""
+        return self.logits(histories, shared_prefix)
+
+    def loss(self, histories: torch.Tensor, targets: torch.Tensor, shared_prefix: bool = False) -> torch.Tensor:
+        """Mean cross-entropy over all items of the next item `targets` (B,) after `histories` (B, L)."""
+        return F.cross_entropy(self.logits(histories, shared_prefix), targets)
+
+    @torch.no_grad()
+    def prefix_cache(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per-layer (keys, values) of the instruction tokens, batch 1: compute once per set of weights."""
+        return self._prefix_kv()
 
     @torch.no_grad()
     def score_all_items(self, histories: torch.Tensor,
@@ -154,17 +183,6 @@ class E4SRec(nn.Module):
         """
         if cache is None:
             return self.logits(histories)
-        from transformers import DynamicCache
-
-        B, P = histories.shape[0], len(self.prefix_ids)
-        suffix = self._embed_tokens(self.suffix_ids).expand(B, -1, -1)  # (B, S, H)
-        x = torch.cat([self._items(histories), suffix], 1)  # (B, L+S, H), pads first
-        new_mask = torch.cat([(histories > 0).long(), torch.ones_like(histories[:, :1]).expand(-1, suffix.shape[1])], 1)
-        mask = torch.cat([torch.ones(B, P, dtype=torch.long, device=x.device), new_mask], 1)  # (B, P+L+S)
-        past = DynamicCache(ddp_cache_data=[(k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)) for k, v in cache],
-                            config=self.llm.get_base_model().config)
-        out = self.llm(inputs_embeds=x, attention_mask=mask, position_ids=position_ids(new_mask, offset=P),
-                       use_cache=True, **{self._cache_kwarg: past})
-        logits = self.head(out.last_hidden_state[:, -1]).float()  # (B, N+1)
+        logits = self.head(self._last_hidden_after_prefix(histories, cache)).float()  # (B, N+1)
         logits[:, 0] = float("-inf")
         return logits

@@ -75,6 +75,8 @@ class TrainE4SRecConfig(PromptOptions):
     eval_users: int = cfg.option(0, "evaluate on this many users, drawn with the seed (0: all); CPU demos")
     eval_batch_size: int = cfg.option(64, "users per scoring batch")
     prefix_cache: bool = cfg.option(True, "reuse the instruction tokens' keys/values when scoring")
+    shared_prefix: bool = cfg.option(True, "train with the instruction tokens computed once per batch, not per "
+                                           "row (same loss; LoRA dropout on them drawn once per batch)")
     bucket_by_length: bool = cfg.option(True, "batch examples of similar history length (less padding)")
     checkpoint_every: int = cfg.option(0, "save a resumable checkpoint every N optimizer steps (0: off)")
     checkpoint_dir: str = cfg.option("", "where checkpoints go (default: OUTPUT.checkpoints beside the output)")
@@ -246,7 +248,7 @@ def train(config: TrainE4SRecConfig, model: E4SRec, histories: np.ndarray, targe
             hist = torch.as_tensor(histories[rows, -width:], device=device)
             tgt = torch.as_tensor(targets[rows], device=device)
             with autocast:
-                logits = net(hist)
+                logits = net(hist, shared_prefix=config.shared_prefix)
             # Sum over this share / global batch, times world: DDP's gradient average then equals the
             # single-process mean over the global batch, whatever the split.
             loss = torch.nn.functional.cross_entropy(logits, tgt, reduction="sum") * world / len(batches[b])

@@ -26,6 +26,7 @@ from e4srec import config as cfg
 from e4srec import contracts as c
 from e4srec import published
 from e4srec.backbones import BackboneOptions, load_backbone
+from e4srec.data import seeded_subset
 from e4srec.device import resolve_device
 from e4srec.evaluate import evaluate
 from e4srec.stages import pretrain_sasrec
@@ -57,8 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     load_seconds = time.perf_counter() - t0
     model = stage.build_model(config, backbone, table, data.n_items, data.max_len).to(device)
     histories, targets = stage.build_examples(data, config.max_targets_per_user)
-    if config.max_examples and config.max_examples < len(targets):
-        keep = np.sort(np.random.default_rng(config.seed).choice(len(targets), config.max_examples, replace=False))
+    keep = seeded_subset(len(targets), config.max_examples, config.seed)
+    if keep is not None:
         histories, targets = histories[keep], targets[keep]
 
     sync()
@@ -67,9 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     sync()
     train_seconds = time.perf_counter() - t0
 
-    users = None
-    if config.eval_users and config.eval_users < data.n_users:
-        users = np.sort(np.random.default_rng(config.seed).choice(data.n_users, config.eval_users, replace=False))
+    users = seeded_subset(data.n_users, config.eval_users, config.seed)
     metrics: dict[str, float] = {}
     t0 = time.perf_counter()
     cache = model.prefix_cache() if config.prefix_cache else None
@@ -82,8 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     eval_seconds = time.perf_counter() - t0
 
     sasrec_metrics = json.loads((args.sasrec / c.METRICS).read_text())
-    name = str(data.manifest["input"]["name"]).split(".")[0].split("_")[0]
-    reference = published.for_dataset(name)
+    reference = published.for_dataset(str(data.manifest["input"]["name"]))
     steps_per_epoch = len(log) / max(config.epochs, 1)
     result = {
         "command": command(),
@@ -102,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
                                for e in range(config.epochs)] if log else None,
         "eval_users": n_users,
         "eval_seconds": round(eval_seconds, 1),
-        "eval_users_per_second": round(2 * n_users / eval_seconds, 1),
+        "eval_users_per_second": round(len(c.SPLITS) * n_users / eval_seconds, 1),
         "metrics": {k: round(v, 4) for k, v in metrics.items()},
         "sasrec_test": {k: round(v, 4) for k, v in sasrec_metrics.items() if k.startswith("test/")},
         "published": reference,

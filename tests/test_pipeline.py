@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import mlflow
@@ -11,9 +12,14 @@ from e4srec_pipelines import compile_pipeline
 from helpers import DATA, REPO, e4srec
 
 
-def test_committed_pipeline_yaml_is_in_sync(tmp_path: Path) -> None:
-    fresh = compile_pipeline(tmp_path / "pipeline.yaml")
-    assert fresh.read_text() == (REPO / "pipeline.yaml").read_text(), "run `e4srec compile` and commit pipeline.yaml"
+def test_committed_pipeline_yaml_is_in_sync_and_holds_no_credentials(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    # Credentials in the compiling environment must not reach the spec (nor change it).
+    for var in ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"):
+        monkeypatch.setenv(var, f"leak-{var.lower()}-0123456789")
+    text = compile_pipeline(tmp_path / "pipeline.yaml").read_text()
+    assert "leak-" not in text
+    assert text == (REPO / "pipeline.yaml").read_text(), "run `e4srec compile` and commit pipeline.yaml"
+    assert not re.search(r"AKIA[0-9A-Z]{16}", text)  # no AWS access key id of any kind
 
 
 def test_compiled_pipeline_shape() -> None:
@@ -115,7 +121,7 @@ def test_cluster_profile_settings_are_in_the_compiled_yaml() -> None:
     env = {e["name"]: e["value"] for e in data_exec["env"]}
     assert env["MLFLOW_TRACKING_URI"].startswith("http://mlflow.") and env["AWS_ENDPOINT_URL"]
     assert tasks["prepare-data"]["cachingOptions"] == {"enableCache": True}
-    assert tasks["deploy"]["cachingOptions"] == {} or not tasks["deploy"]["cachingOptions"].get("enableCache")
+    assert not tasks["deploy"]["cachingOptions"].get("enableCache")
     k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     gpu_exec = k8s[spec["components"][tasks["train-e4srec"]["componentRef"]["name"]]["executorLabel"]]
     assert gpu_exec["nodeSelector"]["labels"] == {"nvidia.com/gpu.present": "true"}
@@ -123,12 +129,3 @@ def test_cluster_profile_settings_are_in_the_compiled_yaml() -> None:
     assert secrets["e4srec-s3-credentials"] == {"access-key": "AWS_ACCESS_KEY_ID", "secret-key": "AWS_SECRET_ACCESS_KEY"}
 
 
-def test_compiled_yaml_holds_no_credentials(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
-    for var in ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"):
-        monkeypatch.setenv(var, f"leak-{var.lower()}-0123456789")
-    text = compile_pipeline(tmp_path / "p.yaml").read_text()
-    assert "leak-" not in text
-    assert text == (REPO / "pipeline.yaml").read_text()  # the environment does not change the spec
-    import re
-
-    assert not re.search(r"AKIA[0-9A-Z]{16}", text)  # no AWS access key id of any kind

@@ -26,14 +26,13 @@ from test_e4srec_resilience import free_port
 def champion(prepared: Path, sasrec_dir: Path, tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
     root = tmp_path_factory.mktemp("serving")
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    mp = pytest.MonkeyPatch()
-    mp.setenv("MLFLOW_TRACKING_URI", uri)
-    stage.run(stage.TrainE4SRecConfig(device="cpu", max_examples=200, eval_users=50), prepared, sasrec_dir, "tiny",
-              root / "model", progress=False)
-    _, verdict = deploy.run_tracked(deploy.DeployConfig(device="cpu", eval_users=50), root / "model", prepared,
-                                    root / "deploy", experiment="serving")
-    yield root, uri, verdict["registered_model"]
-    mp.undo()
+    with pytest.MonkeyPatch.context() as mp:  # undone even when training or deploy fails
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        stage.run(stage.TrainE4SRecConfig(device="cpu", max_examples=200, eval_users=50), prepared, sasrec_dir,
+                  "tiny", root / "model", progress=False)
+        _, verdict = deploy.run_tracked(deploy.DeployConfig(device="cpu", eval_users=50), root / "model", prepared,
+                                        root / "deploy", experiment="serving")
+        yield root, uri, verdict["registered_model"]
 
 
 def post(port: int, body: bytes) -> tuple[int, dict]:

@@ -165,6 +165,13 @@ def build_sequences(df: pd.DataFrame) -> tuple[np.ndarray, list[np.ndarray], np.
     return user_ids, sequences, item_ids, len(short)
 
 
+def seeded_subset(n: int, k: int, seed: int) -> np.ndarray | None:
+    """Sorted indices of k of range(n) drawn with the seed; None (all of them) when k is 0 or >= n."""
+    if not k or k >= n:
+        return None
+    return np.sort(np.random.default_rng(seed).choice(n, k, replace=False))
+
+
 def sample_negatives(sequences: list[np.ndarray], n_items: int, k: int, seed: int) -> np.ndarray:
     """(U, k) items drawn uniformly, without replacement, from the items each user never touched.
 

@@ -128,9 +128,7 @@ class E4SRec(nn.Module):
     def _prefix_kv(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per-layer (keys, values) of the instruction tokens, batch 1, under the current weights."""
         out = self.llm(inputs_embeds=self._embed_tokens(self.prefix_ids)[None], use_cache=True)
-        cache = out.get("cache")  # renamed from past_key_values in transformers 5.2x
-        if cache is None:
-            cache = out.past_key_values
+        cache = getattr(out, self._cache_kwarg)  # `cache` since transformers 5.2x, `past_key_values` before
         return [(layer.keys, layer.values) for layer in cache.layers]
 
     def _last_hidden_after_prefix(self, histories: torch.Tensor,
@@ -156,6 +154,10 @@ class E4SRec(nn.Module):
         """
         hidden = (self._last_hidden_after_prefix(histories, self._prefix_kv()) if shared_prefix
                   else self._last_hidden(histories))
+        return self._item_logits(hidden)
+
+    def _item_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The item head on final hidden states (B, H) -> (B, N+1), the padding column at -inf."""
         logits = self.head(hidden).float()
         logits[:, 0] = float("-inf")
         return logits
@@ -183,6 +185,4 @@ class E4SRec(nn.Module):
         """
         if cache is None:
             return self.logits(histories)
-        logits = self.head(self._last_hidden_after_prefix(histories, cache)).float()  # (B, N+1)
-        logits[:, 0] = float("-inf")
-        return logits
+        return self._item_logits(self._last_hidden_after_prefix(histories, cache))

@@ -138,22 +138,23 @@ class SASRec(nn.Module):
         self.item_emb = nn.Embedding(config.n_items + 1, d, padding_idx=0)
         self.pos_emb = nn.Embedding(config.max_len, d)
         self.emb_drop = nn.Dropout(config.dropout)
-        block = Block if config.arch == "kang" else PostNormBlock
+        kang = config.arch == "kang"
+        block = Block if kang else PostNormBlock
         self.blocks = nn.ModuleList(block(d, config.n_heads, config.dropout) for _ in range(config.n_blocks))
-        if config.arch == "kang":
-            self.final_norm = nn.LayerNorm(d, eps=1e-8)  # after the last pre-norm block
-        else:
-            self.emb_norm = nn.LayerNorm(d, eps=1e-12)  # before the first post-norm block
+        # kang: items scaled by sqrt(d), a LayerNorm after the last pre-norm block; s3rec: a LayerNorm
+        # over item + position embeddings before the first post-norm block. Identity has no weights, so
+        # each arch's saved state holds only its own norm.
+        self.emb_scale = math.sqrt(d) if kang else 1.0
+        self.emb_norm = nn.Identity() if kang else nn.LayerNorm(d, eps=1e-12)
+        self.final_norm = nn.LayerNorm(d, eps=1e-8) if kang else nn.Identity()
+        # kang: Xavier for every matrix, as its reference code does; it trains markedly better than
+        # PyTorch's defaults (N(0, 1) embeddings swamp the positions). s3rec: BERT's N(0, 0.02).
+        self._init_weight = nn.init.xavier_normal_ if kang else (lambda w: nn.init.normal_(w, std=0.02))
         self.apply(self._init)
 
     def _init(self, m: nn.Module) -> None:
-        # kang: Xavier for every matrix, as its reference code does; it trains markedly better than
-        # PyTorch's defaults (N(0, 1) embeddings swamp the positions). s3rec: BERT's N(0, 0.02).
         if isinstance(m, (nn.Linear, nn.Embedding)):
-            if self.config.arch == "kang":
-                nn.init.xavier_normal_(m.weight)
-            else:
-                nn.init.normal_(m.weight, std=0.02)
+            self._init_weight(m.weight)
         if isinstance(m, nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)
         if isinstance(m, nn.Embedding) and m.padding_idx is not None:
@@ -167,10 +168,7 @@ class SASRec(nn.Module):
             raise E4SRecError(f"sequence width {T} exceeds max_len {self.config.max_len}; cut histories first")
         keep = (seqs > 0).unsqueeze(-1)  # (B, T, 1)
         positions = torch.arange(self.config.max_len - T, self.config.max_len, device=seqs.device)  # (T,)
-        if self.config.arch == "kang":
-            x = self.item_emb(seqs) * math.sqrt(self.config.dim) + self.pos_emb(positions)  # (B, T, d)
-        else:
-            x = self.emb_norm(self.item_emb(seqs) + self.pos_emb(positions))  # (B, T, d)
+        x = self.emb_norm(self.item_emb(seqs) * self.emb_scale + self.pos_emb(positions))  # (B, T, d)
         x = self.emb_drop(x) * keep
         causal = torch.ones(T, T, dtype=torch.bool, device=seqs.device).tril()  # (T, T)
         # A padded query would see no key at all (NaN softmax): let every position see itself.
@@ -178,7 +176,7 @@ class SASRec(nn.Module):
         mask = mask.unsqueeze(1)  # (B, 1, T, T), broadcast over heads
         for block in self.blocks:
             x = block(x, mask, keep)
-        return self.final_norm(x) if self.config.arch == "kang" else x  # (B, T, d)
+        return self.final_norm(x)  # (B, T, d)
 
     def loss(self, inputs: torch.Tensor, targets: torch.Tensor, negatives: torch.Tensor | None = None) -> torch.Tensor:
         """Mean next-item loss over non-padding positions.

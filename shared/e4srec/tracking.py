@@ -126,7 +126,8 @@ def check_server(attempts: int = 3, timeout: float = 5.0) -> None:
                 reason = f"HTTP {response.status}"
         except (urllib.error.URLError, OSError) as e:
             reason = str(getattr(e, "reason", e))
-        time.sleep(min(2**attempt, 4))
+        if attempt + 1 < attempts:
+            time.sleep(min(2**attempt, 4))
     raise E4SRecError(f"MLflow server {uri} is not answering ({reason}) after {attempts} tries; start it, fix "
                       f"MLFLOW_TRACKING_URI, or run with --no-tracking")
 

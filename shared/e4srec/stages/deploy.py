@@ -21,13 +21,14 @@ import numpy as np
 from e4srec import config as cfg
 from e4srec import contracts as c
 from e4srec import registry
+from e4srec.data import seeded_subset
 from e4srec.device import resolve_device
 from e4srec.errors import E4SRecError
 from e4srec.evaluate import evaluate
 from e4srec.outputs import preflight, staged_output
 from e4srec.stages import train_e4srec
 from e4srec.storage import fetch
-from e4srec.tracking import Tracker, stage_run
+from e4srec.tracking import Tracker, mlflow_key, stage_run
 
 STAGE = "deploy"
 VERDICT = "verdict.json"
@@ -86,9 +87,7 @@ def run(config: DeployConfig, model_dir: Path | str, data_dir: Path | str, outpu
     c.check_item_map_hash(meta.get("item_map_sha256"), data.item_map_sha256, str(model_dir / train_e4srec.CONFIG),
                           "deploy it with the data it was trained on")
     name = config.registered_model or registry.default_name(data.manifest)
-    users = None
-    if config.eval_users and config.eval_users < data.n_users:
-        users = np.sort(np.random.default_rng(config.seed).choice(data.n_users, config.eval_users, replace=False))
+    users = seeded_subset(data.n_users, config.eval_users, config.seed)
     t0 = time.perf_counter()
     challenger = _score(model_dir, data, config, users)
     tracker.log_params(cfg.to_dict(config) | {"registered_model": name})
@@ -98,7 +97,7 @@ def run(config: DeployConfig, model_dir: Path | str, data_dir: Path | str, outpu
     for key, value in {"item_map_sha256": data.item_map_sha256, "backbone": meta["llm"]["backbone"],
                        config.metric: str(challenger[config.metric]), "dataset": str(data.manifest["input"]["name"])
                        }.items():
-        client.set_model_version_tag(name, version, key.replace("@", "_at_"), value)
+        client.set_model_version_tag(name, version, mlflow_key(key), value)
     registry.move_alias(name, registry.CHALLENGER, version, "registered by deploy",
                         {config.metric: challenger[config.metric]})
 

@@ -40,10 +40,10 @@ def _png(fig: Any, out: Path, name: str) -> str:
     """Save the figure as PNG beside the page and return an <img> with it embedded."""
     from e4srec.plots import plt
 
-    fig.savefig(out / name, dpi=110, bbox_inches="tight")
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
+    (out / name).write_bytes(buf.getvalue())
     return f'<img alt="{name}" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
 
 

@@ -36,6 +36,7 @@ from safetensors.torch import load_file, save_file
 from e4srec import config as cfg
 from e4srec import contracts as c
 from e4srec.backbones import Backbone, BackboneOptions, load_backbone, parse_spec
+from e4srec.data import seeded_subset
 from e4srec.device import resolve_device
 from e4srec.e4srec import E4SRec, E4SRecConfig
 from e4srec.errors import E4SRecError
@@ -295,8 +296,7 @@ def run(config: TrainE4SRecConfig, data_dir: Path | str, sasrec_dir: Path | str,
     if rank == 0:
         preflight(output, overwrite)
     data = c.load_sequence_data(fetch(data_dir))
-    sasrec_dir = fetch(sasrec_dir)
-    table = pretrain_sasrec.load_item_embeddings(sasrec_dir, data.item_map_sha256)
+    table = pretrain_sasrec.load_item_embeddings(fetch(sasrec_dir), data.item_map_sha256)
     if config.threads:
         torch.set_num_threads(config.threads)
     device = resolve_device(config.device)
@@ -306,9 +306,8 @@ def run(config: TrainE4SRecConfig, data_dir: Path | str, sasrec_dir: Path | str,
     backbone, descriptor, instruct_adapter = load_llm(fetch(llm), device)
     model = build_model(config, backbone, table, data.n_items, data.max_len).to(device)
     histories, targets = build_examples(data, config.max_targets_per_user)
-    rng = np.random.default_rng(config.seed)
-    if config.max_examples and config.max_examples < len(targets):
-        keep = np.sort(rng.choice(len(targets), config.max_examples, replace=False))
+    keep = seeded_subset(len(targets), config.max_examples, config.seed)
+    if keep is not None:
         histories, targets = histories[keep], targets[keep]
     if config.checkpoint_dir:
         ckpt_root = Path(config.checkpoint_dir)
@@ -325,9 +324,7 @@ def run(config: TrainE4SRecConfig, data_dir: Path | str, sasrec_dir: Path | str,
     if rank:
         dist.barrier()
         return {}
-    users = None
-    if config.eval_users and config.eval_users < data.n_users:
-        users = np.sort(np.random.default_rng(config.seed).choice(data.n_users, config.eval_users, replace=False))
+    users = seeded_subset(data.n_users, config.eval_users, config.seed)
     t1 = time.perf_counter()
     cache = model.prefix_cache() if config.prefix_cache else None
     scorer = lambda h: model.score_all_items(h, cache)  # noqa: E731

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
-from helpers import DATA, write_slice
+from helpers import DATA, e4srec, write_slice
 
 
 @pytest.fixture(autouse=True)
@@ -21,6 +21,19 @@ def _isolated_mlflow(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pyte
 def beauty_slice(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """800 Beauty users: big enough to learn something, small enough for seconds."""
     return write_slice(DATA / "Beauty.txt", tmp_path_factory.mktemp("raw") / "beauty_800.txt", 800)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(beauty_slice: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str]:
+    """`e4srec run` on the slice with the tiny backbone, instruction-tune skipped and tracking off:
+    (its working directory, its run folder, its stdout), for the tests that read or rerun it."""
+    cwd = tmp_path_factory.mktemp("tiny-run")
+    result = e4srec("run", "--input", beauty_slice, "--sasrec-epochs", "1", "--backbone", "tiny",
+                    "--e4srec-max-examples", "32", "--e4srec-eval-users", "50", "--no-tracking", cwd=cwd,
+                    env={"MLFLOW_TRACKING_URI": f"sqlite:///{cwd / 'mlflow.db'}"})  # must stay unwritten
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (run_dir,) = (cwd / "runs").glob("e4srec-*")
+    return cwd, run_dir, result.stdout
 
 
 @pytest.fixture(scope="session")

@@ -46,19 +46,18 @@ def configure_for(profile: Profile) -> Callable[[dsl.PipelineTask, str], dsl.Pip
     return configure
 
 
-def stage_components(profile: Profile) -> dict[str, tuple[Any, Callable]]:
-    """{stage: (component in the profile's image, configure)}: what the pipeline and reruns build on."""
-    configure = configure_for(profile)
+def stage_components(profile: Profile) -> dict[str, Any]:
+    """{stage: component in the profile's image}: what the pipeline and reruns build on."""
     deploy, promote_champion = deploy_component.build(profile.image)
     return {
-        "prepare-data": (prepare_data_component.build(profile.image), configure),
-        "pretrain-sasrec": (pretrain_sasrec_component.build(profile.image), configure),
-        "instruction-tune": (instruction_tune_component.build(profile.image), configure),
-        "train-e4srec": (train_e4srec_component.build(profile.image), configure),
-        "deploy": (deploy, configure),
-        "promote-champion": (promote_champion, configure),
-        "batch-recommend": (batch_recommend_component.build(profile.image), configure),
-        "report": (report_component.build(profile.image), configure),
+        "prepare-data": prepare_data_component.build(profile.image),
+        "pretrain-sasrec": pretrain_sasrec_component.build(profile.image),
+        "instruction-tune": instruction_tune_component.build(profile.image),
+        "train-e4srec": train_e4srec_component.build(profile.image),
+        "deploy": deploy,
+        "promote-champion": promote_champion,
+        "batch-recommend": batch_recommend_component.build(profile.image),
+        "report": report_component.build(profile.image),
     }
 
 
@@ -74,10 +73,10 @@ def create_pipeline(profile: str | Path | Profile = "cluster", *, name: str = PI
     profile = profile if isinstance(profile, Profile) else load_profile(profile)
     parts = stage_components(profile)
     configure = configure_for(profile)
-    prepare_data, pretrain_sasrec = parts["prepare-data"][0], parts["pretrain-sasrec"][0]
-    instruction_tune, train_e4srec = parts["instruction-tune"][0], parts["train-e4srec"][0]
-    deploy, promote_champion = parts["deploy"][0], parts["promote-champion"][0]
-    batch_recommend, report = parts["batch-recommend"][0], parts["report"][0]
+    prepare_data, pretrain_sasrec = parts["prepare-data"], parts["pretrain-sasrec"]
+    instruction_tune, train_e4srec = parts["instruction-tune"], parts["train-e4srec"]
+    deploy, promote_champion = parts["deploy"], parts["promote-champion"]
+    batch_recommend, report = parts["batch-recommend"], parts["report"]
 
     class Outputs(NamedTuple):
         data: dsl.Dataset

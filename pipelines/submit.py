@@ -8,7 +8,7 @@ from typing import Any
 
 from e4srec.errors import E4SRecError
 from e4srec.storage import is_s3
-from e4srec_pipelines.pipeline import PIPELINE_NAME, create_pipeline, stage_components
+from e4srec_pipelines.pipeline import PIPELINE_NAME, configure_for, create_pipeline, stage_components
 from e4srec_pipelines.profiles import load_profile
 from kfp import compiler, dsl
 
@@ -113,7 +113,7 @@ def rerun_pipeline(stage: str, run: str, settings: list[str], profile: str = "lo
     if stage not in RERUN_INPUTS:
         raise E4SRecError(f"stage {stage!r}: can be rerun: {', '.join(RERUN_INPUTS)}")
     loaded = load_profile(profile)
-    component, configure = stage_components(loaded)[stage]
+    component, configure = stage_components(loaded)[stage], configure_for(loaded)
     params = convert(component, settings)
     sources = {name: (overrides or {}).get(name) or _locate(run, glob, output)
                for name, (glob, output, _) in RERUN_INPUTS[stage].items()}

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,3 +28,24 @@ def e4srec(*args: str | Path, cwd: Path | None = None, env: dict[str, str] | Non
         [sys.executable, "-m", "e4srec.cli", *map(str, args)], capture_output=True, text=True, cwd=cwd,
         env={**os.environ, **(env or {})}, timeout=600,
     )
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_http(url: str, server: subprocess.Popen, log: Path, timeout: float) -> None:
+    """Return once `url` answers 2xx; fail with the end of `log` if `server` exits or `timeout` passes."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            if server.poll() is not None:
+                raise RuntimeError(f"the server behind {url} exited ({server.returncode}):\n{log.read_text()[-3000:]}")
+            time.sleep(1)
+    raise RuntimeError(f"{url} did not answer within {timeout:.0f} s; see {log}")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from e4srec import contracts as c
-from helpers import e4srec
+from helpers import e4srec, free_port
 
 
 def common(prepared: Path, sasrec_dir: Path, *extra: str) -> list[str]:
@@ -53,12 +52,6 @@ def test_a_killed_run_resumes_to_the_unbroken_result(prepared: Path, sasrec_dir:
     log_b = json.loads((out / "training_log.json").read_text())
     assert [r["train/loss"] for r in log_a] == [r["train/loss"] for r in log_b]
     assert not ckpt.exists()  # cleaned up after success
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.timeout(600)

@@ -8,14 +8,12 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 from e4srec import storage
-from helpers import e4srec
+from helpers import e4srec, free_port, wait_for_http
 from s3server import BUCKET
-from test_e4srec_resilience import free_port
 
 
 @pytest.fixture(scope="module")
@@ -30,16 +28,11 @@ def mlflow_server(s3, tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN001
          "--workers", "1"], env=env, stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT,
         start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        try:
-            if urllib.request.urlopen(url + "/health", timeout=2).status == 200:
-                break
-        except OSError:
-            assert proc.poll() is None, (root / "server.log").read_text()[-3000:]
-            time.sleep(1)
-    else:
-        raise RuntimeError(f"mlflow server did not come up; see {root / 'server.log'}")
+    try:
+        wait_for_http(url + "/health", proc, root / "server.log", timeout=180)
+    except RuntimeError:
+        os.killpg(proc.pid, signal.SIGTERM)
+        raise
     yield url
     os.killpg(proc.pid, signal.SIGTERM)
     proc.wait(timeout=30)

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -18,8 +17,7 @@ from e4srec import contracts as c
 from e4srec.recommend import Recommender
 from e4srec.stages import deploy
 from e4srec.stages import train_e4srec as stage
-from helpers import e4srec
-from test_e4srec_resilience import free_port
+from helpers import e4srec, free_port, wait_for_http
 
 
 @pytest.fixture(scope="module")
@@ -56,14 +54,7 @@ def test_rest_serving_matches_the_cli_and_rejects_bad_requests(champion, tmp_pat
         stderr=subprocess.STDOUT, start_new_session=True,
     )
     try:
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
-                break
-            except OSError:
-                assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
-                time.sleep(1)
+        wait_for_http(f"http://127.0.0.1:{port}/ping", server, tmp_path / "serve.log", timeout=300)
         item_ids = [str(x) for x in pd.read_parquet(root / "model" / c.ITEM_MAP)["item_id"]]
         history = [item_ids[3], item_ids[10], "not-an-item", item_ids[42]]
         status, body = post(port, json.dumps({"dataframe_records": [{"history": history, "k": 5}]}).encode())

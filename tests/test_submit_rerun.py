@@ -91,23 +91,20 @@ def test_submit_reports_a_refusal_in_one_line(kfp_api: str) -> None:
 
 
 @pytest.mark.timeout(600)
-def test_rerun_one_stage_from_an_earlier_run(tmp_path: Path, beauty_slice: Path) -> None:
-    first = e4srec("run", "--input", beauty_slice, "--sasrec-epochs", "1", "--backbone", "tiny",
-                   "--e4srec-max-examples", "32", "--e4srec-eval-users", "20", "--no-tracking", cwd=tmp_path)
-    assert first.returncode == 0, first.stderr[-2000:]
-    (run_dir,) = (tmp_path / "runs").glob("e4srec-*")
+def test_rerun_one_stage_from_an_earlier_run(tiny_run: tuple[Path, Path, str]) -> None:
+    cwd, run_dir, _ = tiny_run
     # the README's example, as written
     again = e4srec("rerun", "pretrain-sasrec", "--from", f"runs/{run_dir.name}", "--set", "loss=ce", "--set", "epochs=2",
-                   cwd=tmp_path)
+                   cwd=cwd)
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
-    (rerun_dir,) = (tmp_path / "runs").glob("e4srec-rerun-pretrain-sasrec-*")
+    (rerun_dir,) = (cwd / "runs").glob("e4srec-rerun-pretrain-sasrec-*")
     model = rerun_dir / "pretrain-sasrec" / "model"
     config = c.read_json(model / "config.json")
     assert config["train"]["loss"] == "ce" and config["train"]["epochs"] == 2
     assert config["item_map_sha256"] == c.read_json(run_dir / "prepare-data" / "data" / "manifest.json")["item_map_sha256"]
     assert f"Rerun outputs:     {rerun_dir}" in again.stdout
     e4 = e4srec("rerun", "train-e4srec", "--from", run_dir, "--set", "max_examples=16", "--set", "eval_users=10",
-                "--set", "tracking=false", "--input-override", f"sasrec={model}", cwd=tmp_path)
+                "--set", "tracking=false", "--input-override", f"sasrec={model}", cwd=cwd)
     assert e4.returncode == 0, e4.stdout[-2000:] + e4.stderr[-2000:]
-    bad = e4srec("rerun", "train-e4srec", "--from", run_dir, "--set", "epochz=2", cwd=tmp_path)
+    bad = e4srec("rerun", "train-e4srec", "--from", run_dir, "--set", "epochz=2", cwd=cwd)
     assert bad.returncode == 1 and "--set 'epochz=2': expected KEY=VALUE with KEY one of" in bad.stderr

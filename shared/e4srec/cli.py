@@ -99,7 +99,9 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     print(f"verdict: {'promote' if verdict['promote'] else 'hold'}: {verdict['reason']}")
     if verdict["promote"] and args.apply:
         print(f"champion -> version {version}; serve it with:")
-        print(f"  mlflow models serve -m models:/{name}@champion --env-manager local -h 127.0.0.1 -p 5001")
+        from e4srec import registry
+
+        print(f"  {registry.serve_command(name)}")
     return 0
 
 

@@ -13,6 +13,20 @@ from e4srec import contracts as c
 from e4srec.errors import E4SRecError
 
 
+def _init_kfp_local(pipeline_root: Path | str) -> Path:
+    """kfp.local with the SubprocessRunner in this environment, MLflow on one absolute URI; the root."""
+    from kfp import local
+
+    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{Path.cwd() / 'mlflow.db'}")
+    root = Path(pipeline_root).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    # The project image's name has no "python" in it, which kfp.local takes as a sign of a
+    # non-Python image; here the tasks run in this very environment, so the warning does not apply.
+    warnings.filterwarnings("ignore", message="You may be attemping to run a task", category=RuntimeWarning)
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=False)
+    return root
+
+
 def run_local(input_path: Path | str, instructions: Path | str | None, pipeline_root: Path | str,
               params: dict[str, Any]) -> int:
     """Run `create_pipeline()` with kfp.local's SubprocessRunner in this Python environment.
@@ -22,7 +36,6 @@ def run_local(input_path: Path | str, instructions: Path | str | None, pipeline_
     absolute here so that every task writes to the same file.
     """
     from e4srec_pipelines import create_pipeline
-    from kfp import local
 
     from e4srec.evaluate import format_table
     from e4srec.storage import is_s3
@@ -38,13 +51,7 @@ def run_local(input_path: Path | str, instructions: Path | str | None, pipeline_
         instructions_uri = str(Path(instructions).resolve())
     elif params.get("instruction_tune_backbone"):
         raise E4SRecError(f"{instructions}: instruction file not found; pass --instructions")
-    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{Path.cwd() / 'mlflow.db'}")
-    root = Path(pipeline_root).resolve()
-    root.mkdir(parents=True, exist_ok=True)
-    # The project image's name has no "python" in it, which kfp.local takes as a sign of a
-    # non-Python image; here the tasks run in this very environment, so the warning does not apply.
-    warnings.filterwarnings("ignore", message="You may be attemping to run a task", category=RuntimeWarning)
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=False)
+    root = _init_kfp_local(pipeline_root)
     task = create_pipeline("local")(input_uri=str(input_path), instructions_uri=instructions_uri, **params)
     outputs = task.outputs
     sasrec = Path(outputs["sasrec"].path) if "sasrec" in outputs else None
@@ -80,8 +87,7 @@ def run_local(input_path: Path | str, instructions: Path | str | None, pipeline_
             bin_dir = Path(sys.executable).parent  # mlflow starts `uvicorn` by name: the venv must be on PATH
             path = "" if shutil.which("uvicorn") else f"PATH={bin_dir}:$PATH "
             print(f"  champion:        version {champion.version}; serve it with")
-            print(f"    {path}MLFLOW_TRACKING_URI={os.environ['MLFLOW_TRACKING_URI']} mlflow models serve "
-                  f"-m models:/{name}@champion --env-manager local -h 127.0.0.1 -p 5001")
+            print(f"    {path}MLFLOW_TRACKING_URI={os.environ['MLFLOW_TRACKING_URI']} {registry.serve_command(name)}")
             print("    curl -s 127.0.0.1:5001/invocations -H 'Content-Type: application/json' "
                   "-d '{\"dataframe_records\": [{\"history\": [\"1\", \"2\"], \"k\": 5}]}'")
             print(f"  or:              e4srec recommend --model models:/{name}@champion --history 1 2 --k 5")
@@ -95,18 +101,11 @@ def run_local(input_path: Path | str, instructions: Path | str | None, pipeline_
 
 def run_one_stage(pipeline: Any, pipeline_root: Path | str) -> int:
     """Run a one-stage (rerun) pipeline through kfp.local and say where its outputs are."""
-    from kfp import local
-
-    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{Path.cwd() / 'mlflow.db'}")
-    root = Path(pipeline_root).resolve()
-    root.mkdir(parents=True, exist_ok=True)
-    warnings.filterwarnings("ignore", message="You may be attemping to run a task", category=RuntimeWarning)
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=False)
+    root = _init_kfp_local(pipeline_root)
     before = set(root.iterdir())
     pipeline()
     new = sorted(set(root.iterdir()) - before)
-    failed = not new or not any(p.name == "executor_output.json" for p in new[-1].rglob("executor_output.json"))
-    if failed:
+    if not new or not any(new[-1].rglob("executor_output.json")):
         raise E4SRecError(f"the rerun failed; its log is above (outputs under {root})")
     print(f"\nRerun outputs:     {new[-1]}")
     for item in sorted(p for p in new[-1].iterdir() if p.is_dir()):

@@ -68,8 +68,9 @@ class Recommender:
             for row, (ix, _) in enumerate(chunk):
                 if ix:
                     hist[row, -len(ix) :] = torch.tensor(ix)
-            scores = self.model.score_all_items(hist.to(self.device), self.cache)  # (B, N+1)
-            scores.scatter_(1, hist.to(self.device), float("-inf"))  # never recommend the history (or padding)
+            hist = hist.to(self.device)
+            scores = self.model.score_all_items(hist, self.cache)  # (B, N+1)
+            scores.scatter_(1, hist, float("-inf"))  # never recommend the history (or padding)
             top = min(max(ks[s : s + batch_size]), self.n_items)
             values, indices = scores.topk(top, dim=1)
             for row, (ix, unknown) in enumerate(chunk):

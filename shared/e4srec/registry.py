@@ -33,6 +33,11 @@ def client() -> Any:
     return MlflowClient()
 
 
+def serve_command(name: str, alias: str = CHAMPION, port: int = 5001) -> str:
+    """The `mlflow models serve` line that serves `models:/NAME@alias` from this environment."""
+    return f"mlflow models serve -m models:/{name}@{alias} --env-manager local -h 127.0.0.1 -p {port}"
+
+
 def default_name(data_manifest: dict[str, Any]) -> str:
     """`e4srec-<dataset>`: one registered model per dataset (the input file's stem)."""
     stem = str(data_manifest.get("input", {}).get("name", "data")).rsplit(".", 1)[0]

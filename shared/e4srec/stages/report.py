@@ -142,11 +142,10 @@ def run(data_dir: Path | str, sasrec_dir: Path | str, e4srec_dir: Path | str, ou
                         f"(the E4SRec paper's Fig. 4); user counts under the groups.</p>"
                         f"{_png(_by_length(groups), out, 'metrics_by_length.png')}")
         if verdict.get("registered_model"):
-            cls = "promote" if verdict["promote"] else "hold"
-            moves = ""
-            try:
-                from e4srec import registry
+            from e4srec import registry
 
+            cls = "promote" if verdict["promote"] else "hold"
+            try:
                 history = registry.alias_history(verdict["registered_model"])
                 moves = "".join(f"<tr><td>{html.escape(registry.describe(m))}</td></tr>" for m in history)
             except Exception as e:  # noqa: BLE001 (the report must not fail on a registry hiccup)
@@ -154,8 +153,8 @@ def run(data_dir: Path | str, sasrec_dir: Path | str, e4srec_dir: Path | str, ou
             sections.append(
                 f"<h2>Deploy</h2><p class='verdict {cls}'><b>{cls}</b>: {html.escape(verdict['reason'])}</p>"
                 f"<p>{html.escape(verdict['registered_model'])} version {verdict['challenger_version']} "
-                f"(alias challenger). Serve the champion: <code>mlflow models serve -m "
-                f"models:/{html.escape(verdict['registered_model'])}@champion --env-manager local</code></p>"
+                f"(alias challenger). Serve the champion: "
+                f"<code>{html.escape(registry.serve_command(verdict['registered_model']))}</code></p>"
                 f"<table><tr><th>alias moves so far</th></tr>{moves}</table>")
         (out / PAGE).write_text(f"<!doctype html><html><head><meta charset=utf-8><title>E4SRec report</title>"
                                 f"<style>{CSS}</style></head><body>{''.join(sections)}</body></html>\n")

@@ -435,7 +435,7 @@ def run_distributed(config: TrainE4SRecConfig, data_dir: Path | str, sasrec_dir:
     env = {**os.environ, "E4SREC_PIPELINE_RUN_ID": pipeline_run_id, "E4SREC_PIPELINE_RUN_NAME": pipeline_run_name}
     if subprocess.run(cmd, env=env).returncode != 0:
         raise E4SRecError(f"data-parallel training with {nproc} processes failed; see the log above")
-    return c.read_json(fetch(output) / c.METRICS) if is_s3(output) else c.read_json(Path(output) / c.METRICS)
+    return c.read_json(Path(fetch(f"{str(output).rstrip('/')}/{c.METRICS}")))  # the one object, not the folder
 
 
 def run_tracked(config: TrainE4SRecConfig, data_dir: Path | str, sasrec_dir: Path | str, llm: Path | str,

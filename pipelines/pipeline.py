@@ -1,7 +1,8 @@
 """The E4SRec pipeline: one typed factory, and the thin entry points built on it (compile, local run).
 
-Stages so far: prepare-data -> pretrain-sasrec. Later stages (instruction-tune, train-e4srec, deploy)
-join here as they land.
+prepare-data -> pretrain-sasrec -> instruction-tune (under dsl.If; skipped: the base passes through) ->
+train-e4srec -> deploy -> promote-champion (under dsl.If on the verdict); batch-recommend
+(under dsl.If on batch_recommend_k) and report follow train-e4srec.
 """
 
 # No `from __future__ import annotations`: KFP reads the real annotation objects.

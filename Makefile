@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.installed
 TORCH_SPEC  ?= torch==2.13.0+cpu
 TORCH_INDEX ?=
 # What `make run` does on 2 CPU cores in under 10 minutes: SASRec for 50 epochs (~3 s each), E4SRec
-# with SmolLM2 on a seeded slice (CPU trains ~3.7 sequences/s; a full Beauty epoch needs a GPU),
+# with SmolLM2 on a seeded slice (CPU trains ~11 sequences/s; a full Beauty epoch, ~3 h, wants a GPU),
 # evaluated on 1,000 seeded users.
 RUN_ARGS ?= --input data/Beauty.txt --sasrec-epochs 50 --e4srec-max-examples 512 --e4srec-eval-users 1000
 

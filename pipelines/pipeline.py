@@ -1,8 +1,8 @@
 """The E4SRec pipeline: one typed factory, and the thin entry points built on it (compile, local run).
 
-prepare-data -> pretrain-sasrec -> instruction-tune (under dsl.If; skipped: the base passes through) ->
-train-e4srec -> deploy -> promote-champion (under dsl.If on the verdict); batch-recommend
-(under dsl.If on batch_recommend_k) and report follow train-e4srec.
+prepare-data -> pretrain-sasrec, and beside them instruction-tune (under dsl.If; else the base
+passes through); then train-e4srec -> deploy -> promote-champion (under dsl.If on the verdict), and
+batch-recommend (under dsl.If on batch_recommend_k) and report (after deploy, which it reports).
 """
 
 # No `from __future__ import annotations`: KFP reads the real annotation objects.
@@ -163,8 +163,8 @@ def create_pipeline(profile: str | Path | Profile = "cluster", *, name: str = PI
             force_promote: make the new version champion whatever the gate says.
             batch_recommend_k: write the top-k items of every user (Parquet) with this k; 0 skips it.
             device: cpu, cuda, cuda:N or auto for the training stages.
-            tracking: log every stage to MLflow (one parent run, a nested run per stage); off also skips
-                deploy, which needs the registry.
+            tracking: log every stage to MLflow (one parent run, a nested run per stage); off: deploy
+                registers nothing and holds (the registry needs tracking).
             experiment: MLflow experiment name.
         """
         run_ids = dict(pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, pipeline_run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER)

@@ -18,7 +18,8 @@ from helpers import e4srec
         ("evaluate", ["--model", "--data", "--output"]),
         ("run", ["--input", "--pipeline-root", "--sasrec-loss", "--sasrec-epochs", "--experiment"]),
         ("compile", ["--output", "--profile"]),
-        ("submit", ["--host", "--namespace", "--experiment", "--token", "--cookie", "--profile", "--input"]),
+        ("submit", ["--host", "--namespace", "--experiment", "--token", "--cookie", "--profile", "--input",
+                    "--force-promote", "--no-force-promote", "--instruction-tune-backbone"]),
         ("rerun", ["--from", "--set", "--input-override", "--profile", "--host"]),
         ("deploy", ["--model", "--data", "--metric", "--min-margin", "--when-no-champion", "--force-promote"]),
         ("promote", ["--version", "--rollback", "--history", "--force"]),
@@ -34,6 +35,7 @@ def test_help(command: str, flags: list[str]) -> None:
     assert result.returncode == 0, result.stderr
     for flag in flags:
         assert flag in result.stdout
+    assert "--no-no-" not in result.stdout
 
 
 def test_stage_commands_as_documented(tmp_path: Path, beauty_slice: Path) -> None:

@@ -1,8 +1,9 @@
-"""`e4srec`: one subcommand per stage, plus run (local pipeline), compile and evaluate.
+"""`e4srec`: one subcommand per stage, plus the pipeline (run, compile, submit, rerun), the registry
+(promote), serving (recommend), extend-items, evaluate and backbones.
 
 Stage commands share one convention: inputs as named options, `--output DIR`, `metrics.json`
-written into the output, MLflow tracking on unless `--no-tracking`. Heavy imports happen inside the
-commands so `--help` stays fast.
+written into the output (report writes its page instead), MLflow tracking on unless `--no-tracking`
+(deploy always tracks: it registers). Heavy imports happen inside the commands so `--help` stays fast.
 """
 
 from __future__ import annotations
@@ -417,8 +418,8 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "experiment":  # --experiment is the KFP experiment here
             p.add_argument("--mlflow-experiment", dest="experiment", default=action.default, help=action.help)
         elif isinstance(action, argparse.BooleanOptionalAction):
-            p.add_argument(*action.option_strings, action=argparse.BooleanOptionalAction, default=action.default,
-                           help=action.help)
+            p.add_argument(action.option_strings[0], action=argparse.BooleanOptionalAction, default=action.default,
+                           help=action.help)  # the action adds the --no- form itself
         else:
             p.add_argument(action.option_strings[0], type=action.type, default=action.default, help=action.help)
     p.set_defaults(func=cmd_submit, pipeline_params=names)

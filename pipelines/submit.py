@@ -57,13 +57,14 @@ def submit_package(package: Path, arguments: dict[str, Any], *, host: str, names
                           f"{str(getattr(e, 'reason', '') or e).splitlines()[0][:300]}") from None
 
 
-def submit(arguments: dict[str, Any], *, host: str, profile: str = "cluster", namespace: str | None = None,
-           experiment: str = "e4srec", run_name: str | None = None, token: str | None = None,
-           cookie: str | None = None) -> Any:
-    """Compile the pipeline for `profile` and create a run on the Kubeflow Pipelines API at `host`."""
+def submit(arguments: dict[str, Any], *, host: str, profile: str = "cluster", pipeline: Any = None,
+           namespace: str | None = None, experiment: str = "e4srec", run_name: str | None = None,
+           token: str | None = None, cookie: str | None = None) -> Any:
+    """Compile `pipeline` (default: the whole pipeline for `profile`) and create a run of it on the
+    Kubeflow Pipelines API at `host`."""
     with tempfile.TemporaryDirectory() as tmp:
         package = Path(tmp) / "pipeline.yaml"
-        compiler.Compiler().compile(create_pipeline(profile), str(package))
+        compiler.Compiler().compile(pipeline or create_pipeline(profile), str(package))
         return submit_package(package, arguments, host=host, namespace=namespace, experiment=experiment,
                               run_name=run_name, token=token, cookie=cookie)
 

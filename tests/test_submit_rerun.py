@@ -108,3 +108,16 @@ def test_rerun_one_stage_from_an_earlier_run(tiny_run: tuple[Path, Path, str]) -
     assert e4.returncode == 0, e4.stdout[-2000:] + e4.stderr[-2000:]
     bad = e4srec("rerun", "train-e4srec", "--from", run_dir, "--set", "epochz=2", cwd=cwd)
     assert bad.returncode == 1 and "--set 'epochz=2': expected KEY=VALUE with KEY one of" in bad.stderr
+
+
+def test_rerun_submits_the_one_stage_pipeline_with_host(tiny_run: tuple[Path, Path, str], kfp_api: str) -> None:
+    cwd, run_dir, _ = tiny_run
+    result = e4srec("rerun", "pretrain-sasrec", "--from", run_dir, "--set", "epochs=3", "--host", kfp_api,
+                    "--token", "tok-2", cwd=cwd)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "submitted rerun of pretrain-sasrec: run run-456" in result.stdout
+    assert all(r["auth"] == "Bearer tok-2" for r in KFPStub.requests)
+    (run,) = [r["body"] for r in KFPStub.requests if r["path"] == "/apis/v2beta1/runs"]
+    spec = run["pipeline_spec"]  # the local profile sets no Kubernetes options: no platform spec beside it
+    assert spec["pipelineInfo"]["name"] == "e4srec-rerun-pretrain-sasrec"
+    assert str(run_dir / "prepare-data" / "data") in json.dumps(spec)  # the importer reads the earlier output

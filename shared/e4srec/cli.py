@@ -224,21 +224,13 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_rerun(args: argparse.Namespace) -> int:
-    import tempfile
-
-    from e4srec_pipelines.submit import rerun_pipeline, submit_package
+    from e4srec_pipelines.submit import rerun_pipeline, submit
 
     overrides = dict(item.split("=", 1) for item in args.input_override)
     pipeline = rerun_pipeline(args.stage, args.from_run, args.set, profile=args.profile, overrides=overrides)
     if args.host:
-        from kfp import compiler
-
-        with tempfile.TemporaryDirectory() as tmp:
-            package = Path(tmp) / "rerun.yaml"
-            compiler.Compiler().compile(pipeline, str(package))
-            result = submit_package(package, {}, host=args.host, namespace=args.namespace,
-                                    experiment=args.kfp_experiment, run_name=args.run_name, token=args.token,
-                                    cookie=args.cookie)
+        result = submit({}, host=args.host, pipeline=pipeline, namespace=args.namespace,
+                        experiment=args.kfp_experiment, run_name=args.run_name, token=args.token, cookie=args.cookie)
         print(f"submitted rerun of {args.stage}: run {result.run_id}")
         return 0
     from e4srec.local import run_one_stage

@@ -10,23 +10,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-
-def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo where there is one."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from e4srec.device import cpu_flags, cpu_has_bf16_units, cpu_model
 
 
 def machine(device: torch.device | str = "cpu") -> dict[str, Any]:
-    """Node, CPU, torch build and threads, and the GPU when the device is CUDA."""
+    """Node, CPU model and its bf16/AMX flags, torch build and threads, and the GPU when the device is CUDA."""
     device = torch.device(device)
-    return {"node": platform.node(), "cpu": cpu_name(), "os_cpus": os.cpu_count(), "device": str(device),
+    return {"node": platform.node(), "cpu": cpu_model(), "cpu_flags": cpu_flags(),
+            "cpu_bf16_units": cpu_has_bf16_units(), "os_cpus": os.cpu_count(), "device": str(device),
             "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
 

@@ -142,7 +142,8 @@ def create_pipeline(profile: str | Path | Profile = "cluster", *, name: str = PI
             sasrec_patience: evaluations without a better validation NDCG@10 before SASRec stops.
             instructions_uri: Alpaca-format instruction data (JSON, JSONL or Parquet) for instruction-tune.
             backbone: LLM spec: smollm2-135m, tiny, gguf:PATH or hf:FOLDER_OR_HUB_ID.
-            backbone_dtype: auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16.
+            backbone_dtype: precision of the LLM in instruction-tune and train-e4srec: auto (bf16 on CUDA and
+                on CPUs with bf16 units, fp32 on others), fp32, bf16 or fp16.
             quantization: none, 8bit or nf4 (bitsandbytes) for the LLM stages.
             instruction_tune_backbone: run LoRA instruction tuning; off passes the base through (right for
                 an already instruction-tuned base such as SmolLM2-Instruct).
@@ -194,8 +195,8 @@ def create_pipeline(profile: str | Path | Profile = "cluster", *, name: str = PI
         e4srec = train_e4srec(
             data=data.outputs["data"], sasrec=sasrec.outputs["model"], llm_uri=llm_uri, epochs=e4srec_epochs,
             batch_size=e4srec_batch_size, lr=e4srec_lr, max_examples=e4srec_max_examples,
-            eval_users=e4srec_eval_users, seed=seed, device=device, tracking=tracking, experiment=experiment,
-            **run_ids,
+            eval_users=e4srec_eval_users, dtype=backbone_dtype, seed=seed, device=device, tracking=tracking,
+            experiment=experiment, **run_ids,
         )
         configure(e4srec, "train-e4srec")
         # Not nested under an If on `tracking`: kfp.local cannot resolve a condition inside a condition on a

@@ -19,7 +19,7 @@ from e4srec.stages import train_e4srec as stage
 
 
 def tiny_model(n_items: int = 40, seed: int = 0) -> E4SRec:
-    bb = load_backbone(BackboneOptions(backbone="tiny"))
+    bb = load_backbone(BackboneOptions(backbone="tiny", dtype="fp32"))  # exact comparisons below
     torch.manual_seed(seed)
     table = torch.randn(n_items + 1, 64)
     table[0] = 0

@@ -18,7 +18,8 @@ from helpers import DATA
 def tuned(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("tuned") / "out"
     config = stage.InstructionTuneConfig(backbone="tiny", max_examples=16, holdout=8, epochs=6, batch_size=4,
-                                         lr=5e-3, device="cpu", generations=2, max_new_tokens=4, merge=True)
+                                         lr=5e-3, device="cpu", generations=2, max_new_tokens=4, merge=True,
+                                         dtype="fp32")  # the reload tests compare logits at 1e-5
     stage.run(config, DATA / "instructions.json", out, progress=False)
     return out
 
@@ -40,13 +41,14 @@ def test_adapter_reloads_with_plain_peft_and_gives_the_same_logits(tuned: Path) 
     ids = torch.tensor([[5, 17, 42, 99, 3]])
     in_memory, descriptor = stage.load_tuned_backbone(tuned)  # adapter merged by e4srec
     assert descriptor["adapter"] == "adapter" and descriptor["backbone"] == "tiny"
-    plain = PeftModel.from_pretrained(load_backbone(BackboneOptions(backbone="tiny")).model, str(tuned / "adapter"))
-    base = load_backbone(BackboneOptions(backbone="tiny")).model
+    fp32 = BackboneOptions(backbone="tiny", dtype="fp32")
+    plain = PeftModel.from_pretrained(load_backbone(fp32).model, str(tuned / "adapter"))
+    base = load_backbone(fp32).model
     with torch.no_grad():
         expected = plain(input_ids=ids).logits
         torch.testing.assert_close(in_memory.model(input_ids=ids).logits, expected, atol=1e-5, rtol=1e-5)
         assert not torch.allclose(base(input_ids=ids).logits, expected)  # the adapter changed something
-        merged = load_backbone(BackboneOptions(backbone=f"hf:{tuned / 'merged'}")).model
+        merged = load_backbone(BackboneOptions(backbone=f"hf:{tuned / 'merged'}", dtype="fp32")).model
         torch.testing.assert_close(merged(input_ids=ids).logits, expected, atol=1e-5, rtol=1e-5)
 
 
@@ -68,3 +70,21 @@ def test_skip_passes_the_base_through(tmp_path: Path) -> None:
     ids = torch.tensor([[1, 2, 3]])
     with torch.no_grad():
         torch.testing.assert_close(backbone.model(input_ids=ids).logits, base.model(input_ids=ids).logits)
+
+
+def test_a_bf16_backbone_carries_the_adapter_and_e4srec_builds_on_it(tuned: Path) -> None:
+    from e4srec.stages import train_e4srec
+
+    ids = torch.tensor([[5, 17, 42, 99, 3]])
+    merged, _ = stage.load_tuned_backbone(tuned)  # fp32, as recorded
+    half, descriptor = stage.load_tuned_backbone(tuned, dtype="bf16")
+    base = load_backbone(BackboneOptions(backbone="tiny", dtype="fp32")).model
+    assert descriptor["dtype"] == "bf16" and next(half.model.parameters()).dtype == torch.bfloat16
+    with torch.no_grad():
+        a, b = merged.model(input_ids=ids).logits, half.model(input_ids=ids).logits.float()
+        change = (a - base(input_ids=ids).logits).abs().max()
+    assert (a - b).abs().max() < 0.1 * change  # bf16 rounding, far below what the adapter changed
+    table = torch.randn(11, 64)
+    model = train_e4srec.build_model(train_e4srec.TrainE4SRecConfig(), half, table, 10, 5)
+    scores = model.score_all_items(torch.tensor([[0, 3, 4]]), model.prefix_cache())
+    assert torch.isfinite(scores[:, 1:]).all()

@@ -1,4 +1,7 @@
-"""Serving: `mlflow models serve` on 127.0.0.1 answers with the same top-k as `e4srec recommend`."""
+"""Serving: `mlflow models serve` on 127.0.0.1 answers with the same top-k as `e4srec recommend`.
+
+The served model has a bf16 backbone: the precision a GPU or a bf16-capable CPU serves in by default.
+"""
 
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ def champion(prepared: Path, sasrec_dir: Path, tmp_path_factory: pytest.TempPath
     uri = f"sqlite:///{root / 'mlflow.db'}"
     with pytest.MonkeyPatch.context() as mp:  # undone even when training or deploy fails
         mp.setenv("MLFLOW_TRACKING_URI", uri)
-        stage.run(stage.TrainE4SRecConfig(device="cpu", max_examples=200, eval_users=50), prepared, sasrec_dir,
+        stage.run(stage.TrainE4SRecConfig(device="cpu", dtype="bf16", max_examples=200, eval_users=50), prepared, sasrec_dir,
                   "tiny", root / "model", progress=False)
         _, verdict = deploy.run_tracked(deploy.DeployConfig(device="cpu", eval_users=50), root / "model", prepared,
                                         root / "deploy", experiment="serving")

@@ -33,6 +33,7 @@ import torch
 
 from e4srec import config as cfg
 from e4srec.contracts import file_sha256
+from e4srec.device import cpu_has_bf16_units
 from e4srec.errors import E4SRecError
 
 CACHE_ENV = "E4SREC_CACHE"
@@ -52,7 +53,8 @@ class BackboneOptions:
 
     backbone: str = cfg.option("smollm2-135m", "LLM spec: a registered name (see `e4srec backbones`), "
                                                "gguf:PATH or hf:FOLDER_OR_HUB_ID")
-    dtype: str = cfg.option("auto", "weights and compute dtype; auto: bf16 on CUDA, fp32 on CPU",
+    dtype: str = cfg.option("auto", "weights and compute dtype; auto: bf16 on CUDA and on CPUs with bf16 units "
+                                    "(AVX512-BF16, AMX), else fp32",
                             choices=("auto", "fp32", "bf16", "fp16"))
     quantization: str = cfg.option("none", "load the backbone quantized with bitsandbytes: 8bit or nf4 (4-bit)",
                                    choices=("none", "8bit", "nf4"))
@@ -232,10 +234,24 @@ def fingerprint(model_config: Any) -> str:
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """auto -> bf16 on CUDA, fp32 elsewhere (bf16 on a CPU without bf16 units is ~20x slower)."""
+    """auto -> bf16 on CUDA and on CPUs with bf16 units (AVX512-BF16, AMX), fp32 on other CPUs.
+
+    On a CPU without bf16 units torch emulates bf16 and a bf16 backbone trains ~20x slower than fp32.
+    """
     if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return torch.bfloat16 if device.type == "cuda" or cpu_has_bf16_units() else torch.float32
     return DTYPES[name]
+
+
+def attention_for(dtype: torch.dtype, device: torch.device) -> str | None:
+    """Eager attention for half precision on CPU, else the model's default (SDPA).
+
+    Torch's CPU flash-attention kernel is slow in bf16 at E4SRec's shapes (a few rows of items over a
+    54-token prefix): in a SmolLM2 training step (batch 64, 2-item histories) it took 1.65 s in bf16
+    against 0.42 s in fp32, more than bf16 saved in the matmuls; eager attention's small bf16 matmuls
+    do not have that cost (bench/e4srec_cpu_speed.py measures both).
+    """
+    return "eager" if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) else None
 
 
 def _quantization_config(quantization: str, dtype: torch.dtype) -> Any:
@@ -257,6 +273,8 @@ def load_backbone(options: BackboneOptions, device: torch.device | str = "cpu") 
     source = resolve(options.backbone, options.local_files_only)
     dtype = resolve_dtype(options.dtype, device)
     kwargs: dict[str, Any] = {"dtype": dtype, "local_files_only": options.local_files_only}
+    if attention_for(dtype, device):
+        kwargs["attn_implementation"] = attention_for(dtype, device)
     if options.quantization != "none":
         kwargs["quantization_config"] = _quantization_config(options.quantization, dtype)
         kwargs["device_map"] = {"": str(device)}

@@ -1,10 +1,15 @@
-"""Device selection shared by every training stage."""
+"""Device and precision selection shared by every training stage."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 
 from e4srec.errors import E4SRecError
+
+# /proc/cpuinfo flags that decide how fast bf16 and fp32 matmuls run on a CPU.
+CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -17,3 +22,35 @@ def resolve_device(name: str) -> torch.device:
         return torch.device(name)
     except RuntimeError:
         raise E4SRecError(f"device={name!r}: expected cpu, cuda, cuda:N or auto") from None
+
+
+def cpu_model() -> str:
+    """The CPU model name from /proc/cpuinfo ('unknown' where there is none)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+def cpu_flags() -> list[str]:
+    """Which of CPU_FLAGS this CPU reports (empty where /proc/cpuinfo is missing)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                have = set(line.split(":", 1)[1].split())
+                return [f for f in CPU_FLAGS if f in have]
+    except OSError:
+        pass
+    return []
+
+
+def cpu_has_bf16_units() -> bool:
+    """True when this CPU computes bf16 matmuls in hardware (AVX512-BF16 or AMX), as torch sees it.
+
+    Without them torch emulates bf16 and a bf16 backbone trains about 20x slower than fp32; with them
+    bf16 matmuls run about 2x (AVX512-BF16) to 5-10x (AMX) faster than fp32.
+    """
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())

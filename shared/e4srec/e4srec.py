@@ -96,6 +96,18 @@ class E4SRec(nn.Module):
         params = inspect.signature(decoder.forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5.2x
 
+    @torch.no_grad()
+    def init_head_from_items(self) -> None:
+        """Start each head row as its item's projected SASRec embedding, at the default init's row norm.
+
+        A random head knows nothing about 12k items and learns each row only from that item's own
+        targets; rows that start as `proj(e_i)` (without the bias, common to all rows) already place
+        items SASRec found alike near each other, so a target teaches its neighbours too.
+        """
+        rows = self.item_emb.weight.to(self.proj.weight.dtype) @ self.proj.weight.T  # (N+1, H)
+        scale = self.head.weight[1:].norm(dim=1).mean() / rows[1:].norm(dim=1).mean().clamp_min(1e-12)
+        self.head.weight.copy_(rows * scale)
+
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """Every weight that trains (LoRA, projection, head): what checkpoints and DDP carry."""
         return {n: p for n, p in self.named_parameters() if p.requires_grad}
@@ -157,8 +169,11 @@ class E4SRec(nn.Module):
         return self._item_logits(hidden)
 
     def _item_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The item head on final hidden states (B, H) -> (B, N+1), the padding column at -inf."""
-        logits = self.head(hidden).float()
+        """The item head on final hidden states (B, H) -> (B, N+1), the padding column at -inf.
+
+        The head keeps its own dtype (fp32) whatever the backbone's: a bf16 hidden state is cast up to it.
+        """
+        logits = self.head(hidden.to(self.head.weight.dtype)).float()
         logits[:, 0] = float("-inf")
         return logits
 

@@ -39,6 +39,14 @@ def metrics_from_ranks(ranks: np.ndarray) -> dict[str, float]:
     return {m: out[m] for m in METRICS}
 
 
+def rank_last_if_not_finite(scores: torch.Tensor) -> torch.Tensor:
+    """Scores with NaN and +-inf set to -inf, in place: a broken score ranks last, never as a hit.
+
+    Without this a NaN target would compare false with everything and rank first (HR@10 1.0, NDCG inf).
+    """
+    return scores.masked_fill_(~torch.isfinite(scores), float("-inf"))
+
+
 def full_ranks(scores: torch.Tensor, seen: tuple[torch.Tensor, torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
     """Rank of each target among all N items, with the items the user already saw masked.
 
@@ -138,7 +146,7 @@ def evaluate(
         neg = torch.as_tensor(negatives[idx], device=device)
         rows, cols = history_pairs(data, users[idx], drop)
         seen = (torch.as_tensor(rows, device=device), torch.as_tensor(cols, device=device))
-        scores = score_all_items(hist).float()
+        scores = rank_last_if_not_finite(score_all_items(hist).float())
         ranks["sampled"][idx] = sampled_ranks(scores, tgt, neg).cpu().numpy()  # before masking
         ranks["full"][idx] = full_ranks(scores, seen, tgt).cpu().numpy()
     return EvalResult(split, ranks, full_lengths)

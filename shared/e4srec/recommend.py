@@ -17,6 +17,7 @@ import torch
 
 from e4srec import contracts as c
 from e4srec.errors import E4SRecError
+from e4srec.evaluate import rank_last_if_not_finite
 
 
 @dataclass
@@ -29,12 +30,12 @@ class Recommendation:
 class Recommender:
     """A trained E4SRec plus its item map, scoring with the instruction prefix cached once."""
 
-    def __init__(self, model_dir: Path | str, device: str = "cpu") -> None:
+    def __init__(self, model_dir: Path | str, device: str = "cpu", dtype: str | None = None) -> None:
         from e4srec.stages import train_e4srec
         from e4srec.storage import fetch
 
         self.model_dir = Path(fetch(model_dir))
-        self.model = train_e4srec.load_model(self.model_dir, device)
+        self.model = train_e4srec.load_model(self.model_dir, device, dtype)
         self.device = torch.device(device)
         self.item_ids = ["<pad>"] + [str(x) for x in pq.read_table(self.model_dir / c.ITEM_MAP).column("item_id").to_pylist()]
         self.index = {item: i for i, item in enumerate(self.item_ids) if i}
@@ -69,7 +70,7 @@ class Recommender:
                 if ix:
                     hist[row, -len(ix) :] = torch.tensor(ix)
             hist = hist.to(self.device)
-            scores = self.model.score_all_items(hist, self.cache)  # (B, N+1)
+            scores = rank_last_if_not_finite(self.model.score_all_items(hist, self.cache).float())  # (B, N+1)
             scores.scatter_(1, hist, float("-inf"))  # never recommend the history (or padding)
             top = min(max(ks[s : s + batch_size]), self.n_items)
             values, indices = scores.topk(top, dim=1)

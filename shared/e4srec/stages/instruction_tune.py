@@ -143,10 +143,16 @@ def apply_adapter(backbone: Backbone, adapter_dir: Path | str, *, merge: bool = 
     return Backbone(model.eval(), backbone.tokenizer, backbone.spec, backbone.source, backbone.fingerprint)
 
 
-def load_tuned_backbone(stage_dir: Path | str, device: torch.device | str = "cpu") -> tuple[Backbone, dict]:
-    """What the E4SRec stage calls: the backbone an instruction-tune output describes, adapter applied."""
+def load_tuned_backbone(stage_dir: Path | str, device: torch.device | str = "cpu", dtype: str | None = None
+                        ) -> tuple[Backbone, dict]:
+    """What the E4SRec stage calls: the backbone an instruction-tune output describes, adapter applied.
+
+    `dtype` (when given) replaces the recorded precision; the adapter is merged in that precision.
+    """
     stage_dir = Path(stage_dir)
     descriptor = c.read_json(stage_dir / DESCRIPTOR)
+    if dtype is not None:
+        descriptor = {**descriptor, "dtype": dtype}
     options = BackboneOptions(**{k: descriptor[k] for k in ("backbone", "dtype", "quantization", "local_files_only")})
     if descriptor.get(MERGED):
         options.backbone = f"hf:{stage_dir / descriptor[MERGED]}"

@@ -71,6 +71,12 @@ class TrainE4SRecConfig(PromptOptions):
     lora_alpha: int = cfg.option(16, "LoRA alpha")
     lora_dropout: float = cfg.option(0.05, "LoRA dropout")
     target_modules: str = cfg.option("gate_proj,up_proj,down_proj", "comma-separated modules LoRA wraps")
+    head_init: str = cfg.option("random", "how the item head starts: random (nn.Linear's init) or items (each "
+                                          "row the item's projected SASRec embedding, so similar items start alike)",
+                                choices=("random", "items"))
+    dtype: str = cfg.option("auto", "backbone precision for training and scoring (LoRA, projection and head stay "
+                                    "fp32): auto (bf16 on CUDA and on CPUs with bf16 units, else fp32), fp32, bf16, "
+                                    "fp16", choices=("auto", "fp32", "bf16", "fp16"))
     max_targets_per_user: int = cfg.option(50, "training targets per user (the last ones)")
     max_examples: int = cfg.option(0, "train on this many examples, drawn with the seed (0: all); CPU demos")
     eval_users: int = cfg.option(0, "evaluate on this many users, drawn with the seed (0: all); CPU demos")
@@ -124,17 +130,21 @@ def _distributed() -> tuple[int, int]:
     return (dist.get_rank(), world) if world > 1 else (0, 1)
 
 
-def load_llm(llm: str | Path, device: torch.device) -> tuple[Backbone, dict[str, Any], Path | None]:
-    """An instruction-tune output folder, or a backbone spec: (backbone, descriptor, instruct adapter dir)."""
+def load_llm(llm: str | Path, device: torch.device, dtype: str = "auto"
+             ) -> tuple[Backbone, dict[str, Any], Path | None]:
+    """An instruction-tune output folder, or a backbone spec: (backbone, descriptor, instruct adapter dir).
+
+    `dtype` is this stage's precision; it replaces the one the instruction-tune output was made with.
+    """
     path = Path(llm)
     if (path / instruction_tune.DESCRIPTOR).is_file():
-        backbone, descriptor = instruction_tune.load_tuned_backbone(path, device)
+        backbone, descriptor = instruction_tune.load_tuned_backbone(path, device, dtype)
         adapter = path / descriptor[instruction_tune.ADAPTER] if descriptor.get(instruction_tune.ADAPTER) else None
         return backbone, descriptor, adapter
     if path.exists():
         raise E4SRecError(f"{path}: no {instruction_tune.DESCRIPTOR}; pass an instruction-tune output or a backbone spec")
     parse_spec(str(llm))  # a spec, or the one-line error with the registered names
-    options = BackboneOptions(backbone=str(llm))
+    options = BackboneOptions(backbone=str(llm), dtype=dtype)
     descriptor = {k: getattr(options, k) for k in ("backbone", "dtype", "quantization", "local_files_only")}
     return load_backbone(options, device), descriptor, None
 
@@ -145,8 +155,11 @@ def build_model(config: TrainE4SRecConfig, backbone: Backbone, table: torch.Tens
     model_config = E4SRecConfig(n_items=n_items, item_dim=config.item_dim, lora_r=config.lora_r,
                                 lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                                 target_modules=config.target_modules, max_len=max_len)
-    return E4SRec(model_config, backbone.model.get_decoder(), backbone.tokenizer, table,
-                  recommendation_prefix(config.instruction), config.response_prefix)
+    model = E4SRec(model_config, backbone.model.get_decoder(), backbone.tokenizer, table,
+                   recommendation_prefix(config.instruction), config.response_prefix)
+    if config.head_init == "items":
+        model.init_head_from_items()
+    return model
 
 
 class Checkpoints:
@@ -205,6 +218,15 @@ class Checkpoints:
         return c.read_json(self.root / "progress.json")
 
 
+class NonFiniteLoss(E4SRecError):
+    """Training produced a NaN or infinite loss (or gradient): stop rather than train on garbage."""
+
+    def __init__(self, value: float, step: int, epoch: int, lr: float, what: str = "loss") -> None:
+        super().__init__(f"{STAGE}: {what} is {value} at optimizer step {step} (epoch {epoch}); training stopped. "
+                         f"Likely causes: a learning rate too high for this batch (--lr {lr:g}: try a tenth), or "
+                         f"non-finite values in the item embeddings (check the pretrain-sasrec output)")
+
+
 def epoch_batches(lengths: np.ndarray, config: TrainE4SRecConfig, epoch: int) -> list[np.ndarray]:
     """Global micro-batches of example indices for one epoch; a pure function of (seed, epoch)."""
     rng = np.random.default_rng([config.seed, epoch])
@@ -253,13 +275,17 @@ def train(config: TrainE4SRecConfig, model: E4SRec, histories: np.ndarray, targe
             # Sum over this share / global batch, times world: DDP's gradient average then equals the
             # single-process mean over the global batch, whatever the split.
             loss = torch.nn.functional.cross_entropy(logits, tgt, reduction="sum") * world / len(batches[b])
+            if not torch.isfinite(loss):
+                raise NonFiniteLoss(float(loss.detach()), step + 1, epoch + 1, config.lr)
             (loss / config.grad_accum).backward()
             running += loss.item() / world / config.grad_accum
             seen += len(batches[b])
             last = b + 1 == len(batches)
             if (b + 1) % config.grad_accum and not last:
                 continue
-            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+            norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+            if not torch.isfinite(norm):
+                raise NonFiniteLoss(float(norm), step + 1, epoch + 1, config.lr, what="gradient norm")
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -303,7 +329,7 @@ def run(config: TrainE4SRecConfig, data_dir: Path | str, sasrec_dir: Path | str,
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     torch.manual_seed(config.seed)
-    backbone, descriptor, instruct_adapter = load_llm(fetch(llm), device)
+    backbone, descriptor, instruct_adapter = load_llm(fetch(llm), device, config.dtype)
     model = build_model(config, backbone, table, data.n_items, data.max_len).to(device)
     histories, targets = build_examples(data, config.max_targets_per_user)
     keep = seeded_subset(len(targets), config.max_examples, config.seed)
@@ -384,14 +410,18 @@ def save_model(out: Path, model: E4SRec, config: TrainE4SRecConfig, descriptor: 
     })
 
 
-def load_model(model_dir: Path | str, device: torch.device | str = "cpu") -> E4SRec:
-    """Rebuild a trained E4SRec from its folder: backbone by spec, then the saved trainable weights."""
+def load_model(model_dir: Path | str, device: torch.device | str = "cpu", dtype: str | None = None) -> E4SRec:
+    """Rebuild a trained E4SRec from its folder: backbone by spec, then the saved trainable weights.
+
+    `dtype` replaces the recorded backbone precision (e.g. fp32 on a CPU without bf16 units); the
+    trained weights are fp32 whatever the precision they were trained in.
+    """
     from peft import set_peft_model_state_dict
 
     model_dir = Path(fetch(model_dir))
     meta = c.read_json(model_dir / CONFIG)
     device = torch.device(device)
-    backbone = load_backbone(BackboneOptions(**meta["llm"]), device)
+    backbone = load_backbone(BackboneOptions(**(meta["llm"] | ({"dtype": dtype} if dtype else {}))), device)
     if meta.get("instruct_adapter"):
         backbone = instruction_tune.apply_adapter(backbone, model_dir / meta["instruct_adapter"],
                                                   merge=meta["llm"]["quantization"] == "none")

@@ -12,10 +12,11 @@ ranks the whole catalog for a seeded sample of test users (evaluate() with the p
 
 Variants:
   fp32      backbone weights in fp32 (LoRA, projection and head are fp32 in every variant)
-  bf16      backbone weights in bf16 (what --dtype bf16 trains with)
+  bf16      backbone weights in bf16, with the attention load_backbone picks for bf16 on CPU (eager)
   autocast  fp32 weights, matmuls under torch.autocast(cpu, bf16)
-  NAME+eager     the same with eager attention instead of SDPA
+  NAME+eager, NAME+sdpa   the same with that attention implementation
   NAME+fused     the same with the fused AdamW kernel
+  bf16+autocast  bf16 weights and autocast: LoRA and the head compute in bf16 too (fp32 master weights)
   NAME+compile   the same with the decoder under torch.compile(dynamic=True); compile time is
                  reported apart
 Suffixes combine: bf16+eager+fused.
@@ -54,8 +55,9 @@ def time_variant(name: str, args: argparse.Namespace, data: c.SequenceData, hist
     compiled = "compile" in extras
     dtype = "bf16" if base == "bf16" else "fp32"
     backbone = load_backbone(BackboneOptions(backbone=args.backbone, dtype=dtype), "cpu")
-    if "eager" in extras:
-        backbone.model.set_attn_implementation("eager")
+    for attention in ("eager", "sdpa"):
+        if attention in extras:
+            backbone.model.set_attn_implementation(attention)
     config = stage.TrainE4SRecConfig(device="cpu")
     torch.manual_seed(0)
     model = stage.build_model(config, backbone, table, data.n_items, data.max_len)
@@ -71,7 +73,8 @@ def time_variant(name: str, args: argparse.Namespace, data: c.SequenceData, hist
         width = max(int(lengths[rows].max()), 1)
         hist = torch.as_tensor(histories[rows, -width:])
         tgt = torch.as_tensor(targets[rows])
-        ctx = torch.autocast("cpu", dtype=torch.bfloat16) if base == "autocast" else contextlib.nullcontext()
+        autocast = base == "autocast" or "autocast" in extras
+        ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
         t0 = time.perf_counter()
         with ctx:
             loss = model.loss(hist, tgt, shared_prefix=True)
@@ -81,7 +84,8 @@ def time_variant(name: str, args: argparse.Namespace, data: c.SequenceData, hist
         optimizer.zero_grad(set_to_none=True)
         return time.perf_counter() - t0
 
-    out: dict = {"variant": name, "backbone_dtype": str(next(backbone.model.parameters()).dtype), "by_batch": {}}
+    out: dict = {"variant": name, "backbone_dtype": str(next(backbone.model.parameters()).dtype),
+                 "attention": backbone.model.config._attn_implementation, "by_batch": {}}
     for threads in args.threads:
         torch.set_num_threads(threads)
         for batch in args.batch_sizes:

@@ -39,11 +39,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, required=True, help="prepare-data output (e.g. of data/Beauty.txt)")
     parser.add_argument("--sasrec", type=Path, required=True, help="pretrain-sasrec output on the same data")
     parser.add_argument("--json", type=Path, help="also write the result here")
-    cfg.add_arguments(parser, BackboneOptions)
+    parser.add_argument("--backbone", default="smollm2-135m", help="LLM spec (precision: --dtype)")
     cfg.add_arguments(parser, stage.TrainE4SRecConfig)
     args = parser.parse_args(argv)
-    options = cfg.from_namespace(BackboneOptions, args)
     config = cfg.from_namespace(stage.TrainE4SRecConfig, args)
+    options = BackboneOptions(backbone=args.backbone, dtype=config.dtype)
     if config.threads:
         torch.set_num_threads(config.threads)
     device = resolve_device(config.device)
@@ -81,6 +81,12 @@ def main(argv: list[str] | None = None) -> int:
     eval_seconds = time.perf_counter() - t0
 
     sasrec_metrics = json.loads((args.sasrec / c.METRICS).read_text())
+    # SASRec scored by the same evaluator on the same users: the baseline this run must beat.
+    sasrec = pretrain_sasrec.load_model(args.sasrec, data).to(device).eval()
+    sasrec_same: dict[str, float] = {}
+    for split in c.SPLITS:
+        sasrec_same |= evaluate(sasrec.score_all_items, data, split, batch_size=256, device=device, users=users,
+                                progress=False).metrics()
     reference = published.for_dataset(str(data.manifest["input"]["name"]))
     steps_per_epoch = len(log) / max(config.epochs, 1)
     result = {
@@ -103,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         "eval_users_per_second": round(len(c.SPLITS) * n_users / eval_seconds, 1),
         "metrics": {k: round(v, 4) for k, v in metrics.items()},
         "sasrec_test": {k: round(v, 4) for k, v in sasrec_metrics.items() if k.startswith("test/")},
+        "sasrec_same_users": {k: round(v, 4) for k, v in sasrec_same.items()},
+        "sasrec_source": str(args.sasrec),
         "published": reference,
         "wall_seconds": round(time.perf_counter() - t_start, 1),
     }

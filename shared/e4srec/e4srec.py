@@ -48,6 +48,25 @@ def position_ids(mask: torch.Tensor, offset: int = 0) -> torch.Tensor:
     return (mask.long().cumsum(1) - 1).clamp(min=0) + offset  # (B, T)
 
 
+class LoRADropout(nn.Dropout):
+    """Inverted dropout whose CPU mask needs a quarter of the random draws of torch's.
+
+    Torch's CPU dropout draws one random number per element, on one thread: LoRA's dropout on the
+    three MLP projections of every layer took 16% of a bf16 SmolLM2 training step on 2 cores. Here
+    each 64-bit draw gives four 16-bit lanes and an element is kept when its lane is at least a
+    threshold, so the keep probability is 1 - p to within 2^-16. Elsewhere (CUDA) torch's own runs.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0 or x.device.type != "cpu":
+            return F.dropout(x, self.p, self.training)
+        n = x.numel()
+        bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(2**63), 2**63 - 1)  # every bit uniform
+        threshold = round(self.p * 65536) - 32768
+        keep = bits.view(torch.int16)[:n].view(x.shape) >= threshold
+        return x * (keep.to(x.dtype) * (1.0 / (1.0 - self.p)))
+
+
 @dataclass
 class E4SRecConfig:
     """Architecture settings saved beside the trained weights (config.json)."""
@@ -85,6 +104,10 @@ class E4SRec(nn.Module):
         lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                           target_modules=[m for m in config.target_modules.split(",") if m])
         self.llm = get_peft_model(decoder, lora)
+        for module in self.llm.modules():  # same dropout, cheaper mask (see LoRADropout)
+            for key, drop in getattr(module, "lora_dropout", {}).items():
+                if type(drop) is nn.Dropout:
+                    module.lora_dropout[key] = LoRADropout(drop.p)
         # Frozen SASRec table; row 0 is padding and its projection is masked out of attention anyway.
         self.item_emb = nn.Embedding.from_pretrained(item_table.float(), freeze=True, padding_idx=0)
         self.proj = nn.Linear(config.item_dim, config.hidden_size)

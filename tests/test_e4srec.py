@@ -141,3 +141,21 @@ def test_embeddings_of_another_item_map_or_dimension(prepared: Path, sasrec_dir:
         stage.run(stage.TrainE4SRecConfig(device="cpu"), prepared, small, "tiny", tmp_path / "y")
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
     assert np.all(c.load_sequence_data(prepared).negatives > 0)
+
+
+def test_lora_dropout_keeps_one_minus_p_scaled_and_replaces_torchs() -> None:
+    from e4srec.e4srec import LoRADropout
+
+    model = tiny_model()
+    drops = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    assert drops and all(type(m) is LoRADropout and m.p == 0.05 for m in drops)
+    drop = LoRADropout(0.2).train()
+    x = torch.ones(400, 500)
+    torch.manual_seed(0)
+    y = drop(x)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.8) < 0.005  # 200k draws: 4 sd is 0.0036
+    torch.testing.assert_close(y[kept], torch.full_like(y[kept], 1 / 0.8))  # inverted dropout: mean preserved
+    torch.manual_seed(0)
+    assert torch.equal(drop(x), y)  # seeded like torch's own (checkpoints restore the RNG)
+    assert torch.equal(drop.eval()(x), x)

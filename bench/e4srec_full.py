@@ -12,7 +12,8 @@ it being done again), so the wall time adds up across stops.
 At the end it writes one JSON: command, commit, machine with its CPU flags, sessions and wall time,
 settings, epochs, the E4SRec valid/test table (full ranking over all items and sampled-99, every user
 unless --eval-users), and beside it the SASRec BCE and CE tables of the same split (their own
-metrics.json, computed by the same evaluator on every user) and the paper's rows.
+metrics.json, computed by the same evaluator on every user) and the paper's rows, and all three by
+history length.
 """
 
 from __future__ import annotations
@@ -36,6 +37,13 @@ def table(metrics: dict[str, float]) -> dict[str, float]:
     """The valid/test rows worth printing, rounded."""
     return {f"{s}/{p}/{k}": round(metrics[f"{s}/{p}/{k}"], 4) for s in ("valid", "test") for p in ("full", "sampled")
             for k in KEYS if f"{s}/{p}/{k}" in metrics}
+
+
+def lengths(folder: Path) -> dict[str, dict[str, float]]:
+    """Test, full ranking: users, HR@10 and NDCG@10 per history-length group (metrics_by_length.json)."""
+    groups = c.read_json(folder / "metrics_by_length.json")["test"]["full"]
+    return {g: {"users": v["users"], "HR@10": round(v["HR@10"], 4), "NDCG@10": round(v["NDCG@10"], 4)}
+            for g, v in groups.items()}
 
 
 def commit() -> str:
@@ -81,11 +89,13 @@ def main(argv: list[str] | None = None) -> int:
     metrics = c.read_json(args.output / c.METRICS)
     data = c.load_sequence_data(args.data)
     rows = {"E4SRec (ours)": table(metrics)}
+    by_length = {"E4SRec (ours)": lengths(args.output)}
     sasrec_meta = c.read_json(args.sasrec / "config.json")
     bce = args.sasrec_bce or (args.sasrec if sasrec_meta["train"]["loss"] == "bce" else None)
     for name, folder in (("SASRec BCE (ours)", bce), ("SASRec CE (ours)", args.sasrec_ce)):
         if folder is not None:
             rows[name] = table(c.read_json(folder / c.METRICS))
+            by_length[name] = lengths(folder)
     wall = sum((s["end"] or s["start"]) - s["start"] for s in sessions)
     log = json.loads((args.output / "training_log.json").read_text())
     result = {
@@ -108,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         "eval_users": metrics["eval/users"],
         "eval_users_per_second": round(metrics["eval/users_per_second"], 1),
         "table": rows,
+        "test_full_by_history_length": by_length,
         "published": published.for_dataset(str(data.manifest["input"]["name"])),
     }
     emit(result, args.json)

@@ -111,8 +111,8 @@ def create_pipeline(profile: str | Path | Profile = "cluster", *, name: str = PI
         instruct_batch_size: int = 8,
         instruct_lr: float = 2e-4,
         e4srec_epochs: int = 1,
-        e4srec_batch_size: int = 16,
-        e4srec_lr: float = 3e-4,
+        e4srec_batch_size: int = 64,
+        e4srec_lr: float = 1e-3,
         e4srec_max_examples: int = 0,
         e4srec_eval_users: int = 0,
         registered_model: str = "",
@@ -153,7 +153,7 @@ def create_pipeline(profile: str | Path | Profile = "cluster", *, name: str = PI
             instruct_lr: instruction-tune peak learning rate.
             e4srec_epochs: E4SRec passes over the training examples.
             e4srec_batch_size: E4SRec examples per batch (the paper: 16; larger batches need a larger lr).
-            e4srec_lr: E4SRec peak learning rate.
+            e4srec_lr: E4SRec peak learning rate (1e-3 at batch 64).
             e4srec_max_examples: train E4SRec on this many examples drawn with the seed (0: all).
             e4srec_eval_users: evaluate E4SRec on this many users drawn with the seed (0: all); the
                 deploy gate compares challenger and champion on the same users.

@@ -60,9 +60,10 @@ class TrainE4SRecConfig(PromptOptions):
     """Settings of train-e4srec (CLI flags, KFP parameters and config.json share them)."""
 
     epochs: int = cfg.option(1, "passes over the training examples")
-    batch_size: int = cfg.option(16, "examples per micro-batch, summed over all processes (the paper: 16)")
+    batch_size: int = cfg.option(64, "examples per micro-batch, summed over all processes (the paper: 16; 64 "
+                                     "trains 1.4x faster per example on CPU)")
     grad_accum: int = cfg.option(1, "micro-batches per optimizer step")
-    lr: float = cfg.option(3e-4, "peak AdamW learning rate (linear warmup, cosine decay)")
+    lr: float = cfg.option(1e-3, "peak AdamW learning rate (linear warmup, cosine decay)")
     warmup_ratio: float = cfg.option(0.05, "fraction of optimizer steps spent warming up")
     weight_decay: float = cfg.option(0.0, "AdamW weight decay")
     max_grad_norm: float = cfg.option(1.0, "gradient clipping norm")
@@ -71,7 +72,7 @@ class TrainE4SRecConfig(PromptOptions):
     lora_alpha: int = cfg.option(16, "LoRA alpha")
     lora_dropout: float = cfg.option(0.05, "LoRA dropout")
     target_modules: str = cfg.option("gate_proj,up_proj,down_proj", "comma-separated modules LoRA wraps")
-    head_init: str = cfg.option("random", "how the item head starts: random (nn.Linear's init) or items (each "
+    head_init: str = cfg.option("items", "how the item head starts: random (nn.Linear's init) or items (each "
                                           "row the item's projected SASRec embedding, so similar items start alike)",
                                 choices=("random", "items"))
     dtype: str = cfg.option("auto", "backbone precision for training and scoring (LoRA, projection and head stay "

@@ -11,8 +11,8 @@ STAMP  := $(VENV)/.installed
 TORCH_SPEC  ?= torch==2.13.0+cpu
 TORCH_INDEX ?=
 # What `make run` does on 2 CPU cores in under 10 minutes: SASRec for 50 epochs (~3 s each), E4SRec
-# with SmolLM2 on a seeded slice (CPU trains ~11 sequences/s; a full Beauty epoch, ~3 h, wants a GPU),
-# evaluated on 1,000 seeded users.
+# with SmolLM2 on a seeded slice (a full Beauty epoch is 128,031 examples: ~1.5 h on 2 cores with bf16
+# units, ~3 h without; bench/e4srec_full.py runs it resumably), evaluated on 1,000 seeded users.
 RUN_ARGS ?= --input data/Beauty.txt --sasrec-epochs 50 --e4srec-max-examples 512 --e4srec-eval-users 1000
 
 .PHONY: setup run test compile bench clean

@@ -52,6 +52,9 @@ def time_variant(name: str, args: argparse.Namespace, data: c.SequenceData, hist
                  targets: np.ndarray, lengths: np.ndarray, table: torch.Tensor) -> dict:
     """Seconds per step at each width and batch size, and the epoch they price, for one variant."""
     base, *extras = name.split("+")
+    if base not in ("fp32", "bf16", "autocast") or not set(extras) <= {"eager", "sdpa", "fused", "compile", "autocast"}:
+        raise SystemExit(f"variant {name!r}: expected fp32, bf16 or autocast, then +eager, +sdpa, +fused, "
+                         f"+autocast or +compile")
     compiled = "compile" in extras
     dtype = "bf16" if base == "bf16" else "fp32"
     backbone = load_backbone(BackboneOptions(backbone=args.backbone, dtype=dtype), "cpu")

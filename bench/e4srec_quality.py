@@ -7,9 +7,11 @@ Trains on every training example (or `--max-examples`), then ranks the whole cat
 validation and test positions of every user (or `--eval-users`) with the prefix cache. Prints one
 JSON object: the command, machine, epochs, training and ranking wall time and throughput, valid and
 test metrics (full ranking with the history masked, and sampled-99), the SASRec table's own test
-metrics, and the paper's Table 3 row. Imports no MLflow, KFP or matplotlib, so it runs on a bare GPU
+metrics, that SASRec scored by the same evaluator on the same users (`sasrec_same_users`), and the
+paper's Table 3 row. Imports no MLflow, KFP or matplotlib, so it runs on a bare GPU
 machine. The backbone is loaded directly (`--backbone`, e.g. gguf:PATH there), not from an
-instruction-tune output: SmolLM2-Instruct skips that stage in the default pipeline anyway.
+instruction-tune output: SmolLM2-Instruct skips that stage in the default pipeline anyway. Its
+precision is --dtype; it is never quantized here.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from benchlib import command, emit, machine
 from e4srec import config as cfg

@@ -10,9 +10,9 @@
 # OUT_DIR: one JSON and one log per variant. A variant whose JSON exists is skipped, so the script
 # can be started again after a stop. With VARIANT names, only those run.
 set -euo pipefail
-DATA=$1 BCE=$2 CE=$3 OUT=$4
+mkdir -p "$4"
+DATA=$(realpath "$1") BCE=$(realpath "$2") CE=$(realpath "$3") OUT=$(realpath "$4")
 shift 4
-mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 
@@ -22,12 +22,12 @@ COMMON=(--max-examples "${EXAMPLES:-20000}" --eval-users "${EVAL_USERS:-3000}" -
 
 declare -A VARIANTS=(
   # the paper's recipe: batch 16, lr 3e-4, random head, LoRA on the MLP, the BCE table
-  [paper]="--sasrec $BCE --batch-size 16 --lr 3e-4"
-  [b64-lr1e-3]="--sasrec $BCE --batch-size 64 --lr 1e-3"
+  [paper]="--sasrec $BCE --batch-size 16 --lr 3e-4 --head-init random"
+  [b64-lr1e-3]="--sasrec $BCE --batch-size 64 --lr 1e-3 --head-init random"
   [b64-lr1e-3-items]="--sasrec $BCE --batch-size 64 --lr 1e-3 --head-init items"
   [b64-lr3e-3-items]="--sasrec $BCE --batch-size 64 --lr 3e-3 --head-init items"
   [b64-lr1e-3-items-ce]="--sasrec $CE --batch-size 64 --lr 1e-3 --head-init items"
-  [b64-lr1e-3-ce]="--sasrec $CE --batch-size 64 --lr 1e-3"
+  [b64-lr1e-3-ce]="--sasrec $CE --batch-size 64 --lr 1e-3 --head-init random"
   [b64-lr1e-3-items-attn]="--sasrec $BCE --batch-size 64 --lr 1e-3 --head-init items --target-modules q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
   [b64-lr1e-3-items-last5]="--sasrec $BCE --batch-size 64 --lr 1e-3 --head-init items --max-targets-per-user 5"
 )

@@ -159,3 +159,23 @@ def test_lora_dropout_keeps_one_minus_p_scaled_and_replaces_torchs() -> None:
     torch.manual_seed(0)
     assert torch.equal(drop(x), y)  # seeded like torch's own (checkpoints restore the RNG)
     assert torch.equal(drop.eval()(x), x)
+
+
+def test_lora_dropout_on_odd_sizes_and_strided_inputs() -> None:
+    from e4srec.e4srec import LoRADropout
+
+    drop = LoRADropout(0.5).train()
+    for x in (torch.ones(3, 5).t(), torch.ones(7), torch.ones(0, 4)):  # non-contiguous, odd, empty
+        y = drop(x)
+        assert y.shape == x.shape and set(y.unique().tolist()) <= {0.0, 2.0}
+
+
+def test_head_init_from_items_is_the_projected_table_at_the_default_row_norm() -> None:
+    model = tiny_model()
+    default_norm = model.head.weight[1:].norm(dim=1).mean()
+    model.init_head_from_items()
+    rows = model.item_emb.weight @ model.proj.weight.T  # (N+1, H)
+    scale = model.head.weight[1:].norm(dim=1).mean() / rows[1:].norm(dim=1).mean()
+    torch.testing.assert_close(model.head.weight, rows * scale)
+    torch.testing.assert_close(model.head.weight[1:].norm(dim=1).mean(), default_norm)
+    assert model.head.weight[0].abs().sum() == 0  # padding's row: zero, and its logit is -inf anyway

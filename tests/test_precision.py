@@ -3,6 +3,7 @@ broken numbers (NaN or infinite scores, a diverging loss) never pass as results.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -11,9 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from e4srec import contracts as c
-from e4srec.backbones import resolve_dtype
-from e4srec.device import cpu_has_bf16_units
-from e4srec.evaluate import evaluate, full_ranks, metrics_from_ranks, sampled_ranks
+from e4srec.backbones import attention_for, resolve_dtype
+from e4srec.device import cpu_flags, cpu_has_bf16_units
+from e4srec.evaluate import evaluate, full_ranks, metrics_from_ranks, rank_last_if_not_finite, sampled_ranks
 from e4srec.extend import extend_items
 from e4srec.recommend import Recommender
 from e4srec.stages import batch_recommend
@@ -36,9 +37,10 @@ def bf16_model(prepared: Path, sasrec_dir: Path, tmp_path_factory: pytest.TempPa
     return out, metrics
 
 
-def test_bf16_trains_and_evaluates(bf16_model: tuple[Path, dict], prepared: Path) -> None:
+def test_bf16_trains_and_evaluates(bf16_model: tuple[Path, dict]) -> None:
     out, metrics = bf16_model
-    assert c.read_json(out / stage.CONFIG)["llm"]["dtype"] == "bf16"
+    saved = c.read_json(out / stage.CONFIG)
+    assert saved["llm"]["dtype"] == "bf16" and saved["trained_dtype"] == "bf16"
     assert metrics["train/loss_last"] < metrics["train/loss_first"]
     ranked = {k: v for k, v in metrics.items() if k.startswith(("valid/", "test/"))}
     assert ranked and all(np.isfinite(v) and 0 <= v <= 1 for v in ranked.values())
@@ -74,7 +76,10 @@ def test_bf16_recommend_batch_recommend_and_extend(bf16_model: tuple[Path, dict]
     recommender = Recommender(out)
     (rec,) = recommender.recommend([history], 5)
     assert len(rec.items) == 5 and all(np.isfinite(rec.scores)) and not set(rec.items) & set(history)
-    assert all(item in cli.stdout for item in rec.items)
+    assert json.loads(cli.stdout)["items"] == rec.items
+    in_fp32 = e4srec("recommend", "--model", out, "--history", *history, "--k", "5", "--dtype", "fp32")
+    assert in_fp32.returncode == 0, in_fp32.stderr
+    assert len(set(json.loads(in_fp32.stdout)["items"]) & set(rec.items)) >= 4  # the same model, in fp32
 
     metrics = batch_recommend.run(batch_recommend.BatchRecommendConfig(k=5, max_users=20, device="cpu"), out,
                                   prepared, tmp_path / "batch", progress=False)
@@ -93,6 +98,9 @@ def test_bf16_recommend_batch_recommend_and_extend(bf16_model: tuple[Path, dict]
 def test_auto_precision_follows_the_cpu() -> None:
     cpu = torch.device("cpu")
     assert resolve_dtype("auto", cpu) == (torch.bfloat16 if cpu_has_bf16_units() else torch.float32)
+    if cpu_flags():  # Linux: torch's probe agrees with what the CPU reports
+        assert cpu_has_bf16_units() == bool({"avx512_bf16", "amx_bf16", "amx_tile"} & set(cpu_flags()))
+    assert attention_for(torch.bfloat16, cpu) == "eager" and attention_for(torch.float32, cpu) is None
     assert resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
     assert resolve_dtype("fp32", cpu) == torch.float32 and resolve_dtype("bf16", cpu) == torch.bfloat16
 
@@ -104,8 +112,6 @@ def test_nan_and_inf_scores_rank_last_never_as_hits(prepared: Path) -> None:
         [0.0, inf, 1.0, 2.0, 3.0],  # +inf target: a broken score, last too
         [0.0, 1.0, nan, nan, nan],  # NaN elsewhere: the target beats them
     ])
-    from e4srec.evaluate import rank_last_if_not_finite
-
     clean = rank_last_if_not_finite(scores.clone())
     empty = (torch.tensor([], dtype=torch.long), torch.tensor([], dtype=torch.long))
     ranks = full_ranks(clean.clone(), empty, torch.tensor([1, 1, 1]))
@@ -126,7 +132,7 @@ def test_nan_scores_are_never_recommended(bf16_model: tuple[Path, dict]) -> None
     broken = {3, 5, 8}
     real = recommender.model.score_all_items
 
-    def with_nan(hist: torch.Tensor, cache=None) -> torch.Tensor:  # noqa: ANN001
+    def with_nan(hist: torch.Tensor, cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
         s = real(hist, cache)
         s[:, sorted(broken)] = float("nan")
         return s
@@ -134,6 +140,9 @@ def test_nan_scores_are_never_recommended(bf16_model: tuple[Path, dict]) -> None
     recommender.model.score_all_items = with_nan
     (rec,) = recommender.recommend([[]], 20)
     assert not {recommender.index[i] for i in rec.items} & broken and all(np.isfinite(rec.scores))
+    (everything,) = recommender.recommend([[recommender.item_ids[1]]], recommender.n_items)
+    assert len(everything.items) == recommender.n_items - 1 and recommender.item_ids[1] not in everything.items
+    assert {recommender.index[i] for i in everything.items[-3:]} == broken  # broken last; history, padding never
 
 
 def test_a_diverging_loss_stops_training_with_one_line(prepared: Path, sasrec_dir: Path, tmp_path: Path) -> None:

@@ -273,8 +273,9 @@ def load_backbone(options: BackboneOptions, device: torch.device | str = "cpu") 
     source = resolve(options.backbone, options.local_files_only)
     dtype = resolve_dtype(options.dtype, device)
     kwargs: dict[str, Any] = {"dtype": dtype, "local_files_only": options.local_files_only}
-    if attention_for(dtype, device):
-        kwargs["attn_implementation"] = attention_for(dtype, device)
+    attention = attention_for(dtype, device)
+    if attention:
+        kwargs["attn_implementation"] = attention
     if options.quantization != "none":
         kwargs["quantization_config"] = _quantization_config(options.quantization, dtype)
         kwargs["device_map"] = {"": str(device)}

@@ -120,6 +120,8 @@ def cmd_promote(args: argparse.Namespace) -> int:
 
 def cmd_recommend(args: argparse.Namespace) -> int:
     if str(args.model).startswith("models:/"):
+        if args.dtype:
+            raise E4SRecError("--dtype applies to a model folder; a registered model serves as it was logged")
         import mlflow
         import pandas as pd
 
@@ -129,7 +131,7 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     else:
         from e4srec.recommend import Recommender
 
-        result = Recommender(args.model).recommend([args.history], args.k)[0]
+        result = Recommender(args.model, dtype=args.dtype).recommend([args.history], args.k)[0]
         items, scores, unknown = result.items, result.scores, result.unknown_items
     if unknown:
         print(f"warning: unknown item ids dropped: {' '.join(unknown)}", file=sys.stderr)
@@ -340,6 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="train-e4srec output folder, or models:/NAME@ALIAS")
     p.add_argument("--history", nargs="*", default=[], help="original item ids, oldest first")
     p.add_argument("--k", type=int, default=10, help="how many items (default: 10)")
+    p.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"),
+                   help="backbone precision for a model folder (default: the one it was trained with)")
     p.set_defaults(func=cmd_recommend)
 
     p = sub.add_parser("batch-recommend", help="top-k original item ids for every user, as Parquet",

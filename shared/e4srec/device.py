@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 from pathlib import Path
 
 import torch
@@ -25,14 +26,14 @@ def resolve_device(name: str) -> torch.device:
 
 
 def cpu_model() -> str:
-    """The CPU model name from /proc/cpuinfo ('unknown' where there is none)."""
+    """The CPU model name from /proc/cpuinfo, else what `platform` knows."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return "unknown"
+    return platform.processor() or platform.machine()
 
 
 def cpu_flags() -> list[str]:
@@ -53,4 +54,5 @@ def cpu_has_bf16_units() -> bool:
     Without them torch emulates bf16 and a bf16 backbone trains about 20x slower than fp32; with them
     bf16 matmuls run about 2x (AVX512-BF16) to 5-10x (AMX) faster than fp32.
     """
-    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private in torch.cpu: guard them
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)

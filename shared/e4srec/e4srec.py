@@ -62,8 +62,8 @@ class LoRADropout(nn.Dropout):
             return F.dropout(x, self.p, self.training)
         n = x.numel()
         bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(2**63), 2**63 - 1)  # every bit uniform
-        threshold = round(self.p * 65536) - 32768
-        keep = bits.view(torch.int16)[:n].view(x.shape) >= threshold
+        threshold = min(round(self.p * 65536) - 32768, 32767)  # P(lane < threshold) = p; p < 1 by config
+        keep = bits.view(torch.int16)[:n].view(x.shape) >= threshold  # (4n',) int16 lanes -> x's shape
         return x * (keep.to(x.dtype) * (1.0 / (1.0 - self.p)))
 
 

@@ -17,7 +17,6 @@ import torch
 
 from e4srec import contracts as c
 from e4srec.errors import E4SRecError
-from e4srec.evaluate import rank_last_if_not_finite
 
 
 @dataclass
@@ -70,8 +69,11 @@ class Recommender:
                 if ix:
                     hist[row, -len(ix) :] = torch.tensor(ix)
             hist = hist.to(self.device)
-            scores = rank_last_if_not_finite(self.model.score_all_items(hist, self.cache).float())  # (B, N+1)
+            scores = self.model.score_all_items(hist, self.cache).float()  # (B, N+1)
+            # A broken (NaN, inf) score ranks after every real one but before what is never recommended.
+            scores.masked_fill_(~torch.isfinite(scores), torch.finfo(scores.dtype).min)
             scores.scatter_(1, hist, float("-inf"))  # never recommend the history (or padding)
+            scores[:, 0] = float("-inf")
             top = min(max(ks[s : s + batch_size]), self.n_items)
             values, indices = scores.topk(top, dim=1)
             for row, (ix, unknown) in enumerate(chunk):

@@ -100,7 +100,8 @@ class TrainE4SRecConfig(PromptOptions):
             cfg.require(getattr(self, name) >= 1, self, name, "must be >= 1")
         for name in ("max_examples", "eval_users", "checkpoint_every", "threads"):
             cfg.require(getattr(self, name) >= 0, self, name, "must be >= 0")
-        cfg.require(self.lr > 0, self, "lr", "must be > 0")
+        cfg.require(0 < self.lr < math.inf, self, "lr", "must be a finite number > 0")
+        cfg.require(0 <= self.lora_dropout < 1, self, "lora_dropout", "must be in [0, 1)")
         cfg.require(0 <= self.warmup_ratio < 1, self, "warmup_ratio", "must be in [0, 1)")
 
 
@@ -228,6 +229,14 @@ class NonFiniteLoss(E4SRecError):
                          f"non-finite values in the item embeddings (check the pretrain-sasrec output)")
 
 
+DTYPE_NAMES = {"torch.float32": "fp32", "torch.bfloat16": "bf16", "torch.float16": "fp16"}
+
+
+def backbone_dtype(model: E4SRec) -> torch.dtype:
+    """The precision the backbone computes in (its input embeddings': quantized layers compute in it too)."""
+    return model.llm.get_input_embeddings().weight.dtype
+
+
 def epoch_batches(lengths: np.ndarray, config: TrainE4SRecConfig, epoch: int) -> list[np.ndarray]:
     """Global micro-batches of example indices for one epoch; a pure function of (seed, epoch)."""
     rng = np.random.default_rng([config.seed, epoch])
@@ -252,11 +261,18 @@ def train(config: TrainE4SRecConfig, model: E4SRec, histories: np.ndarray, targe
     total = config.epochs * steps_per_epoch
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(config.warmup_ratio * total), total)
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    dtype = backbone_dtype(model)
+    # On CUDA a half-precision backbone trains under autocast (LoRA, projection and head in it too);
+    # an fp32 backbone stays fp32 everywhere, as asked.
+    autocast = torch.autocast("cuda", dtype=dtype, enabled=device.type == "cuda" and dtype != torch.float32)
     log: list[dict[str, float]] = []
     start_epoch, start_batch, step = 0, 0, 0
     if checkpoints is not None and config.resume and checkpoints.exists():
         state = checkpoints.load(model, optimizer)
+        if state.get("backbone_dtype", str(dtype)) != str(dtype):
+            raise E4SRecError(f"{checkpoints.root}: the checkpoint was trained with a {state['backbone_dtype']} "
+                              f"backbone, this run loads it as {dtype}; resume with --dtype "
+                              f"{DTYPE_NAMES[state['backbone_dtype']]} (or start afresh without --resume)")
         start_epoch, start_batch, step, log = state["epoch"], state["batch"], state["step"], state["log"]
         for _ in range(step):
             scheduler.step()
@@ -276,7 +292,7 @@ def train(config: TrainE4SRecConfig, model: E4SRec, histories: np.ndarray, targe
             # Sum over this share / global batch, times world: DDP's gradient average then equals the
             # single-process mean over the global batch, whatever the split.
             loss = torch.nn.functional.cross_entropy(logits, tgt, reduction="sum") * world / len(batches[b])
-            if not torch.isfinite(loss):
+            if world == 1 and not torch.isfinite(loss):  # under DDP the gradient check below stops every rank
                 raise NonFiniteLoss(float(loss.detach()), step + 1, epoch + 1, config.lr)
             (loss / config.grad_accum).backward()
             running += loss.item() / world / config.grad_accum
@@ -306,7 +322,7 @@ def train(config: TrainE4SRecConfig, model: E4SRec, histories: np.ndarray, targe
             if checkpoints is not None and config.checkpoint_every and step % config.checkpoint_every == 0:
                 done = last
                 checkpoints.save(model, optimizer, {"epoch": epoch + done, "batch": 0 if done else b + 1,
-                                                    "step": step, "log": log})
+                                                    "step": step, "log": log, "backbone_dtype": str(dtype)})
     bar.close()
     model.eval()
     return log
@@ -344,6 +360,7 @@ def run(config: TrainE4SRecConfig, data_dir: Path | str, sasrec_dir: Path | str,
         ckpt_root = Path(output).with_name(Path(output).name + ".checkpoints")
     checkpoints = Checkpoints(ckpt_root, rank) if config.checkpoint_every or config.resume else None
     tracker.log_params(cfg.to_dict(config) | {"backbone": descriptor["backbone"], "examples": len(targets),
+                                               "backbone_dtype": DTYPE_NAMES[str(backbone_dtype(model))],
                                                "world_size": world, "item_map_sha256": data.item_map_sha256})
     t0 = time.perf_counter()
     log = train(config, model, histories, targets, device, checkpoints, tracker, progress, rank, world)
@@ -408,6 +425,7 @@ def save_model(out: Path, model: E4SRec, config: TrainE4SRecConfig, descriptor: 
         "instruct_adapter": INSTRUCT_ADAPTER if instruct_adapter is not None else None,
         "prompt": {"prefix": recommendation_prefix(config.instruction), "response_prefix": config.response_prefix},
         "item_map_sha256": data.item_map_sha256, "sasrec": str(sasrec_dir),
+        "trained_dtype": DTYPE_NAMES[str(backbone_dtype(model))],  # what `auto` meant on the training machine
     })
 
 

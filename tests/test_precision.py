@@ -155,3 +155,27 @@ def test_a_diverging_loss_stops_training_with_one_line(prepared: Path, sasrec_di
     assert "loss is nan at optimizer step" in errors[0] and "--lr 1e+30" in errors[0], errors[0]
     assert "item embeddings" in errors[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_resume_refuses_a_checkpoint_of_another_precision(prepared: Path, sasrec_dir: Path, tmp_path: Path) -> None:
+    from e4srec.backbones import BackboneOptions, load_backbone
+    from e4srec.errors import E4SRecError
+    from e4srec.stages import pretrain_sasrec
+    from e4srec.tracking import Tracker
+
+    data = c.load_sequence_data(prepared)
+    table = pretrain_sasrec.load_item_embeddings(sasrec_dir, data.item_map_sha256)
+    histories, targets = stage.build_examples(data, 50)
+    config = stage.TrainE4SRecConfig(batch_size=16, max_examples=64, checkpoint_every=2, resume=True, device="cpu")
+    checkpoints = stage.Checkpoints(tmp_path / "ckpt", rank=0)
+
+    def train(dtype: str) -> None:
+        backbone = load_backbone(BackboneOptions(backbone="tiny", dtype=dtype))
+        model = stage.build_model(config, backbone, table, data.n_items, data.max_len)
+        stage.train(config, model, histories[:64], targets[:64], torch.device("cpu"), checkpoints, Tracker(None),
+                    progress=False)
+
+    train("bf16")
+    assert c.read_json(tmp_path / "ckpt" / "progress.json")["backbone_dtype"] == "torch.bfloat16"
+    with pytest.raises(E4SRecError, match="trained with a torch.bfloat16 backbone.*resume with --dtype bf16"):
+        train("fp32")

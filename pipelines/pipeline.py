@@ -1,8 +1,9 @@
 """The E4SRec pipeline: one typed factory, and the thin entry points built on it (compile, local run).
 
 prepare-data -> pretrain-sasrec, and beside them instruction-tune (under dsl.If; else the base
-passes through); then train-e4srec -> deploy -> promote-champion (under dsl.If on the verdict), and
-batch-recommend (under dsl.If on batch_recommend_k) and report (after deploy, which it reports).
+passes through; one task in the local profile); then train-e4srec -> deploy -> promote-champion
+(under dsl.If on the verdict), and batch-recommend (under dsl.If on batch_recommend_k) and report
+(after deploy, which it reports).
 """
 
 # No `from __future__ import annotations`: KFP reads the real annotation objects.
@@ -32,16 +33,36 @@ def configure_for(profile: Profile) -> Callable[[dsl.PipelineTask, str], dsl.Pip
     def configure(task: dsl.PipelineTask, stage: str) -> dsl.PipelineTask:
         """Display name, caching, environment, secrets and (for LLM stages) GPU, image and node selector."""
         task.set_display_name(stage).set_caching_options(profile.caching_for(stage))
+        # The run id from the pod's label, not a task input: an input would change every run's cache key
+        # (driver/cache.go getFingerPrint hashes every input); the API server labels every pod of a run
+        # with it (apiserver/template/v2_template.go RunWorkflow). kfp.local has no pods: `e4srec run` sets it.
+        kubernetes.use_field_path_as_env(task, env_name="E4SREC_PIPELINE_RUN_ID",
+                                         field_path="metadata.labels['pipeline/runid']")
         for key, value in profile.env.items():
             task.set_env_variable(key, value)
         for secret in profile.secrets:
             kubernetes.use_secret_as_env(task, secret_name=secret["name"], secret_key_to_env=secret["env"],
                                          optional=bool(secret.get("optional", False)))
+        pod = profile.pod(stage)
+        for key in ("cpu_request", "cpu_limit", "memory_request", "memory_limit"):
+            if pod.get(key):
+                getattr(task, f"set_{key}")(str(pod[key]))
+        # Argo's default retry policy (OnFailure) runs a failed pod again (a crash, an OOM kill, a transient S3
+        # or MLflow error), after 1 min, 2 min, ...; train-e4srec then resumes from its checkpoint.
+        if pod.get("retries"):
+            task.set_retry(num_retries=int(pod["retries"]), backoff_duration="60s", backoff_factor=2.0)
+        if pod.get("shm_size"):  # DataLoader workers and NCCL share memory through /dev/shm (64 MiB by default)
+            kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory",
+                                       size_limit=str(pod["shm_size"]))
+        if profile.image_pull_secrets:
+            kubernetes.set_image_pull_secrets(task, list(profile.image_pull_secrets))
         if profile.is_gpu_stage(stage):
             task.set_container_image(profile.gpu_image)
             task.set_accelerator_type(profile.gpu["accelerator"]).set_accelerator_limit(profile.gpu.get("count", 1))
             for key, value in profile.gpu.get("node_selector", {}).items():
                 kubernetes.add_node_selector(task, label_key=key, label_value=str(value))
+            for toleration in profile.gpu.get("tolerations", []):
+                kubernetes.add_toleration(task, **toleration)
         return task
 
     return configure
@@ -82,7 +103,7 @@ def create_pipeline(profile: str | Path | Profile = "cluster", *, name: str = PI
     class Outputs(NamedTuple):
         data: dsl.Dataset
         sasrec: dsl.Model
-        backbone_uri: str
+        backbone: dsl.Model
         e4srec: dsl.Model
 
     @dsl.pipeline(name=name, pipeline_root=profile.pipeline_root or None,
@@ -168,56 +189,75 @@ def create_pipeline(profile: str | Path | Profile = "cluster", *, name: str = PI
                 registers nothing and holds (the registry needs tracking).
             experiment: MLflow experiment name.
         """
-        run_ids = dict(pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, pipeline_run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER)
+        run_name = dsl.PIPELINE_JOB_NAME_PLACEHOLDER  # only for the uncached stages (report title, parent run name)
         data = prepare_data(
             input_uri=input_uri, format=input_format, k_core=k_core, max_len=max_len, n_negatives=n_negatives,
-            seed=seed, tracking=tracking, experiment=experiment, **run_ids,
+            seed=seed, tracking=tracking, experiment=experiment,
         )
         configure(data, "prepare-data")
         sasrec = pretrain_sasrec(
             data=data.outputs["data"], loss=sasrec_loss, epochs=sasrec_epochs, batch_size=sasrec_batch_size,
             lr=sasrec_lr, dropout=sasrec_dropout, patience=sasrec_patience, seed=seed, device=device,
-            tracking=tracking, experiment=experiment, **run_ids,
+            tracking=tracking, experiment=experiment,
         )
         configure(sasrec, "pretrain-sasrec")
-        llm = dict(backbone_spec=backbone, dtype=backbone_dtype, quantization=quantization, seed=seed,
-                   device=device, tracking=tracking, experiment=experiment, **run_ids)
-        with dsl.If(instruction_tune_backbone == True):  # noqa: E712 (a KFP condition, not a Python test)
-            tuned = instruction_tune(
-                instructions_uri=instructions_uri, max_examples=instruct_max_examples, epochs=instruct_epochs,
-                batch_size=instruct_batch_size, lr=instruct_lr, **llm,
-            )
-            configure(tuned, "instruction-tune")
-        with dsl.Else():
-            base = instruction_tune(instructions_uri=instructions_uri, skip=True, **llm)
-            configure(base, "instruction-tune (skipped)")  # no GPU for a pass-through
-        llm_uri = dsl.OneOf(tuned.outputs["Output"], base.outputs["Output"])
+        llm_args = dict(backbone_spec=backbone, dtype=backbone_dtype, quantization=quantization, seed=seed,
+                        device=device, tracking=tracking, experiment=experiment)
+        tuning = dict(instructions_uri=instructions_uri, max_examples=instruct_max_examples, epochs=instruct_epochs,
+                      batch_size=instruct_batch_size, lr=instruct_lr, **llm_args)
+        # The backbone travels as an artifact like every other output: the launcher downloads it for train-e4srec.
+        if profile.instruction_tune_branches:
+            with dsl.If(instruction_tune_backbone == True):  # noqa: E712 (a KFP condition, not a Python test)
+                tuned = instruction_tune(**tuning)
+                configure(tuned, "instruction-tune")
+            with dsl.Else():
+                base = instruction_tune(instructions_uri=instructions_uri, skip=True, **llm_args)
+                configure(base, "instruction-tune (skipped)")  # no GPU for a pass-through
+            llm = dsl.OneOf(tuned.outputs["backbone"], base.outputs["backbone"])
+        else:  # one task (see Profile.instruction_tune_branches)
+            single = instruction_tune(tune=instruction_tune_backbone, **tuning)
+            configure(single, "instruction-tune")
+            llm = single.outputs["backbone"]
+        # On a cluster, checkpoints on a PVC: a retried pod of the same run resumes where the lost one stopped
+        # ({run_id} is filled in from the pod's run-id label, so the task's inputs stay the same every run).
+        resume = (dict(checkpoint_every=int(profile.checkpoints.get("every", 500)), resume=True,
+                       checkpoint_dir=f"{profile.checkpoints['mount_path'].rstrip('/')}/{{run_id}}/train-e4srec")
+                  if profile.checkpoints else {})
         e4srec = train_e4srec(
-            data=data.outputs["data"], sasrec=sasrec.outputs["model"], llm_uri=llm_uri, epochs=e4srec_epochs,
+            data=data.outputs["data"], sasrec=sasrec.outputs["model"], llm=llm, epochs=e4srec_epochs, **resume,
             batch_size=e4srec_batch_size, lr=e4srec_lr, max_examples=e4srec_max_examples,
             eval_users=e4srec_eval_users, dtype=backbone_dtype, seed=seed, device=device, tracking=tracking,
-            experiment=experiment, **run_ids,
+            experiment=experiment,
         )
         configure(e4srec, "train-e4srec")
+        if profile.checkpoints:
+            kubernetes.mount_pvc(e4srec, pvc_name=profile.checkpoints["pvc"],
+                                 mount_path=profile.checkpoints["mount_path"])
         # Not nested under an If on `tracking`: kfp.local cannot resolve a condition inside a condition on a
         # task output. deploy itself returns promote=False, registering nothing, when tracking is off.
         gate = deploy(
             model=e4srec.outputs["model"], data=data.outputs["data"], registered_model=registered_model,
             metric=gate_metric, min_margin=gate_min_margin, when_no_champion=when_no_champion,
             force_promote=force_promote, eval_users=e4srec_eval_users, seed=seed, device=device,
-            tracking=tracking, experiment=experiment, **run_ids,
+            tracking=tracking, experiment=experiment, pipeline_run_name=run_name,
         )
         configure(gate, "deploy")
+        # The report shows the champion's alias history: in the promoting branch it runs after the promotion
+        # (a task outside the branch cannot wait on one inside it), in the other right after deploy.
+        report_args = dict(data=data.outputs["data"], sasrec=sasrec.outputs["model"], e4srec=e4srec.outputs["model"],
+                           verdict=gate.outputs["verdict"], tracking=tracking, experiment=experiment,
+                           pipeline_run_name=run_name)
         with dsl.If(gate.outputs["Output"] == True):  # noqa: E712 (the gate, visible in the DAG)
-            configure(promote_champion(verdict=gate.outputs["verdict"],
-                                       pipeline_run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER), "promote-champion")
+            promoted = configure(promote_champion(verdict=gate.outputs["verdict"], pipeline_run_name=run_name),
+                                 "promote-champion")
+            configure(report(**report_args).after(promoted), "report")
+        with dsl.Else():
+            configure(report(**report_args), "report")
         with dsl.If(batch_recommend_k > 0):
             configure(batch_recommend(model=e4srec.outputs["model"], data=data.outputs["data"], k=batch_recommend_k,
-                                      device=device, tracking=tracking, experiment=experiment, **run_ids),
+                                      device=device, tracking=tracking, experiment=experiment),
                       "batch-recommend")
-        configure(report(data=data.outputs["data"], sasrec=sasrec.outputs["model"], e4srec=e4srec.outputs["model"],
-                         verdict=gate.outputs["verdict"], tracking=tracking, experiment=experiment, **run_ids), "report")
-        return Outputs(data=data.outputs["data"], sasrec=sasrec.outputs["model"], backbone_uri=llm_uri,
+        return Outputs(data=data.outputs["data"], sasrec=sasrec.outputs["model"], backbone=llm,
                        e4srec=e4srec.outputs["model"])
 
     return e4srec_pipeline

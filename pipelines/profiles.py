@@ -17,6 +17,9 @@ from e4srec.errors import E4SRecError
 from e4srec.images import VERSION
 
 PROFILES = Path(__file__).parent / "profiles"
+# The task names the pipeline configures (pipeline.py); pod settings are keyed by them.
+STAGES = ("prepare-data", "pretrain-sasrec", "instruction-tune", "instruction-tune (skipped)", "train-e4srec", "deploy",
+          "promote-champion", "batch-recommend", "report")
 
 
 @dataclass
@@ -29,6 +32,22 @@ class Profile:
     secrets: list[dict[str, Any]] = field(default_factory=list)
     gpu: dict[str, Any] = field(default_factory=dict)
     caching: dict[str, Any] = field(default_factory=dict)
+    # instruction-tune under dsl.If/dsl.Else, so that a pass-through never holds a GPU, its backbone
+    # artifact picked by dsl.OneOf. kfp.local (2.17) cannot pick an artifact between branches, so the
+    # local profile turns this off: one task that passes the base through itself when tuning is off.
+    instruction_tune_branches: bool = True
+    # Pod settings: {stage or "default": {cpu_request, cpu_limit, memory_request, memory_limit, retries, shm_size}}
+    pods: dict[str, dict[str, Any]] = field(default_factory=dict)
+    image_pull_secrets: list[str] = field(default_factory=list)
+    # train-e4srec checkpoints on a PVC, so that a retried pod resumes: {pvc, mount_path, every}
+    checkpoints: dict[str, Any] = field(default_factory=dict)
+
+    POD_KEYS = ("cpu_request", "cpu_limit", "memory_request", "memory_limit", "retries", "shm_size")
+
+    def pod(self, stage: str) -> dict[str, Any]:
+        """The stage's pod settings: its own over the defaults ("instruction-tune (skipped)", the
+        pass-through, is a stage of its own: it only writes backbone.json)."""
+        return {**self.pods.get("default", {}), **self.pods.get(stage, {})}
 
     def is_gpu_stage(self, stage: str) -> bool:
         return stage in self.gpu.get("stages", [])
@@ -58,6 +77,17 @@ def load_profile(name_or_path: str | Path) -> Profile:
     for key in ("name", "image", "gpu_image"):
         if not raw.get(key):
             raise E4SRecError(f"{path}: missing field {key!r}")
+    for stage, settings in (raw.get("pods") or {}).items():
+        if stage != "default" and stage not in STAGES:
+            raise E4SRecError(f"{path}: pods.{stage}: no such stage (stages: default, {', '.join(STAGES)})")
+        if not isinstance(settings, dict):
+            raise E4SRecError(f"{path}: pods.{stage}: expected a mapping of settings, e.g. {{memory_limit: 16Gi}}")
+        bad = set(settings or {}) - set(Profile.POD_KEYS)
+        if bad:
+            raise E4SRecError(f"{path}: pods.{stage}: unknown setting(s) {', '.join(sorted(bad))} (known: "
+                              f"{', '.join(Profile.POD_KEYS)})")
+    if raw.get("checkpoints") and not {"pvc", "mount_path"} <= set(raw["checkpoints"]):
+        raise E4SRecError(f"{path}: checkpoints needs pvc and mount_path (and optionally every)")
     for i, secret in enumerate(raw.get("secrets") or []):
         if not secret.get("name") or not isinstance(secret.get("env"), dict):
             raise E4SRecError(f"{path}: secrets[{i}] needs a name and an env mapping (secret key: variable)")

@@ -21,14 +21,14 @@ from e4srec_components.train_e4srec.component import train_e4srec
 from e4srec_pipelines import pipeline_parameters
 
 TRACKING = {"tracking", "experiment", "pipeline_run_id", "pipeline_run_name"}
-LAUNCH = {"nproc_per_node"}  # how the component runs the stage, not a stage setting
+LAUNCH = {"nproc_per_node", "tune"}  # how the component runs the stage (tune: `not skip`), not a stage setting
 
 
 @pytest.mark.parametrize(("func", "config", "artifacts"), [
     (prepare_data, PrepareDataConfig, {"input_uri", "data", "metrics"}),
     (pretrain_sasrec, PretrainSasrecConfig, {"data", "model", "metrics"}),
     (instruction_tune, InstructionTuneConfig, {"instructions_uri", "backbone", "metrics"}),
-    (train_e4srec, TrainE4SRecConfig, {"data", "sasrec", "llm_uri", "model", "metrics"}),
+    (train_e4srec, TrainE4SRecConfig, {"data", "sasrec", "llm", "model", "metrics"}),
     (deploy, DeployConfig, {"model", "data", "verdict", "metrics"}),
     (batch_recommend, BatchRecommendConfig, {"model", "data", "recommendations", "metrics"}),
 ])

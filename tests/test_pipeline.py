@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import mlflow
+import pytest
 import yaml
 from e4srec import contracts as c
 from e4srec_pipelines import compile_pipeline
@@ -25,19 +26,28 @@ def test_committed_pipeline_yaml_is_in_sync_and_holds_no_credentials(tmp_path: P
 def test_compiled_pipeline_shape() -> None:
     spec = next(yaml.safe_load_all((REPO / "pipeline.yaml").read_text()))  # then the platform spec
     tasks = spec["root"]["dag"]["tasks"]
-    assert {"prepare-data", "pretrain-sasrec", "condition-branches-1", "train-e4srec", "deploy", "report"} <= set(tasks)
-    promote = [t for name, t in tasks.items() if name.startswith("condition-") and "triggerPolicy" in t]
-    assert any("deploy-Output" in t["triggerPolicy"]["condition"] for t in promote)  # the gate is in the DAG
+    assert {"prepare-data", "pretrain-sasrec", "condition-branches-1", "train-e4srec", "deploy"} <= set(tasks)
+    gated = [t["triggerPolicy"]["condition"] for t in all_tasks(spec).values() if "triggerPolicy" in t]
+    assert any("deploy-Output" in condition for condition in gated)  # the gate is in the DAG
     assert set(tasks["train-e4srec"]["dependentTasks"]) == {"prepare-data", "pretrain-sasrec", "condition-branches-1"}
     assert tasks["pretrain-sasrec"]["dependentTasks"] == ["prepare-data"]
     assert {"input_uri", "instructions_uri", "backbone"} <= set(spec["root"]["inputDefinitions"]["parameters"])
-    # instruction-tune runs under dsl.If / dsl.Else on the pipeline parameter, its URI chosen by dsl.OneOf
+    # instruction-tune runs under dsl.If / dsl.Else on the pipeline parameter, its backbone artifact chosen by dsl.OneOf
     branches = spec["components"]["comp-condition-branches-1"]["dag"]["tasks"]
     conditions = {t["triggerPolicy"]["condition"] for t in branches.values()}
     assert any("instruction_tune_backbone" in cond for cond in conditions), conditions
-    assert "backbone_uri" in spec["root"]["outputDefinitions"]["parameters"]
-    for executor in spec["deploymentSpec"]["executors"].values():
-        assert executor["container"]["image"].startswith("registry.example.com/e4srec/e4srec-")
+    assert "backbone" in spec["root"]["outputDefinitions"]["artifacts"]
+    # the report reads the alias history: in the promoting branch only after promote-champion
+    reports = {name: t for c in spec["components"].values() for name, t in c.get("dag", {}).get("tasks", {}).items()
+               if t["componentRef"]["name"].startswith("comp-report")}
+    assert sorted(t.get("dependentTasks", []) for t in reports.values()) == [[], ["promote-champion"]]
+    assert spec["components"]["comp-train-e4srec"]["inputDefinitions"]["artifacts"]["llm"]
+    import tomllib
+
+    version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    for executor in spec["deploymentSpec"]["executors"].values():  # the image is the package's own version
+        assert executor["container"]["image"] in (f"registry.example.com/e4srec/e4srec-cpu:{version}",
+                                                  f"registry.example.com/e4srec/e4srec-cuda:{version}")
         assert "pip install" not in " ".join(executor["container"]["command"])  # kfp and e4srec are in the image
 
 
@@ -126,3 +136,28 @@ def test_cluster_profile_settings_are_in_the_compiled_yaml() -> None:
     assert secrets["e4srec-s3-credentials"] == {"access-key": "AWS_ACCESS_KEY_ID", "secret-key": "AWS_SECRET_ACCESS_KEY"}
 
 
+    # production pod settings (kfp and kfp-kubernetes, from the profile's pods, image_pull_secrets, checkpoints)
+    resources = e4srec_exec["resources"]
+    assert (resources["resourceCpuRequest"], resources["resourceMemoryRequest"], resources["resourceMemoryLimit"]) == \
+        ("8", "64Gi", "96Gi")
+    assert tasks["train-e4srec"]["retryPolicy"]["maxRetryCount"] == 2 and "retryPolicy" not in tasks["promote-champion"]
+    assert gpu_exec["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    assert gpu_exec["emptyDirMounts"] == [{"volumeName": "dshm", "mountPath": "/dev/shm", "medium": "Memory",
+                                           "sizeLimit": "16Gi"}]
+    assert [s["secretName"] for s in gpu_exec["imagePullSecret"]] == ["e4srec-registry"]
+    assert [(m["constant"], m["mountPath"]) for m in gpu_exec["pvcMount"]] == [("e4srec-checkpoints", "/checkpoints")]
+    given = tasks["train-e4srec"]["inputs"]["parameters"]  # a retried pod resumes from the PVC
+    assert given["checkpoint_dir"]["runtimeValue"]["constant"] == "/checkpoints/{run_id}/train-e4srec"
+    assert given["resume"]["runtimeValue"]["constant"] is True
+    data_k8s = k8s[spec["components"][tasks["prepare-data"]["componentRef"]["name"]]["executorLabel"]]
+    assert "tolerations" not in data_k8s and "pvcMount" not in data_k8s
+
+
+def test_a_profile_with_an_unknown_pod_setting_is_refused_in_one_line(tmp_path: Path) -> None:
+    from e4srec.errors import E4SRecError
+    from e4srec_pipelines.profiles import load_profile
+
+    bad = tmp_path / "p.yaml"
+    bad.write_text("name: x\nimage: i\ngpu_image: g\npods:\n  train-e4srec: {memory: 8Gi}\n")
+    with pytest.raises(E4SRecError, match=r"pods.train-e4srec: unknown setting\(s\) memory \(known: cpu_request"):
+        load_profile(bad)

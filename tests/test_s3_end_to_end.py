@@ -66,3 +66,30 @@ def test_stage_start_with_the_mlflow_server_down(beauty_slice: Path, tmp_path: P
     assert result.returncode == 1 and f"MLflow server {down} is not answering" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and time.time() - t0 < 60
     assert not (tmp_path / "out").exists()
+
+
+def test_a_stage_refuses_an_mlflow_2_server_in_one_line(beauty_slice: Path, tmp_path: Path) -> None:
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class OldMLflow(BaseHTTPRequestHandler):  # answers /health and /version as an MLflow 2.x server does
+        def do_GET(self) -> None:  # noqa: N802
+            body = {"/health": b"OK", "/version": b"2.9.2"}.get(self.path, b"")
+            self.send_response(200 if body else 404)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), OldMLflow)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    old = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        result = e4srec("prepare-data", "--input", beauty_slice, "--output", tmp_path / "out",
+                        env={"MLFLOW_TRACKING_URI": old})
+    finally:
+        server.shutdown()
+    assert result.returncode == 1 and f"MLflow server {old} is version 2.9.2; the stages need 3.0" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()

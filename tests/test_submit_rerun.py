@@ -3,66 +3,18 @@
 from __future__ import annotations
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import parse_qs, urlparse
 
 import pytest
 from e4srec import contracts as c
 from helpers import e4srec
-
-
-class KFPStub(BaseHTTPRequestHandler):
-    """Answers the v2beta1 calls kfp.Client makes to create a run, and records them."""
-
-    requests: list[dict] = []
-    status = 200
-
-    def _reply(self, body: dict, status: int | None = None) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(status or self.status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def _record(self) -> dict:
-        length = int(self.headers.get("Content-Length") or 0)
-        body = json.loads(self.rfile.read(length) or b"{}") if length else {}
-        entry = {"method": self.command, "path": urlparse(self.path).path, "query": parse_qs(urlparse(self.path).query),
-                 "auth": self.headers.get("Authorization"), "cookie": self.headers.get("Cookie"), "body": body}
-        KFPStub.requests.append(entry)
-        return entry
-
-    def do_GET(self) -> None:  # noqa: N802
-        entry = self._record()
-        if self.status != 200:
-            return self._reply({"error": "unauthorized", "code": 16, "message": "login required"})
-        self._reply({"experiments": []} if entry["path"].endswith("/experiments") else {})
-
-    def do_POST(self) -> None:  # noqa: N802
-        entry = self._record()
-        if self.status != 200:
-            return self._reply({"error": "unauthorized", "code": 16, "message": "login required"})
-        if entry["path"] == "/apis/v2beta1/experiments":
-            return self._reply({"experiment_id": "exp-123", "display_name": entry["body"].get("display_name")})
-        if entry["path"] == "/apis/v2beta1/runs":
-            return self._reply({"run_id": "run-456", "experiment_id": entry["body"].get("experiment_id"),
-                                "display_name": entry["body"].get("display_name"), "state": "PENDING"})
-        self._reply({}, 404)
-
-    def log_message(self, *args: object) -> None:
-        pass
+from kfp_stub import KFPStub, serve
 
 
 @pytest.fixture()
 def kfp_api():  # noqa: ANN201
-    KFPStub.requests, KFPStub.status = [], 200
-    server = ThreadingHTTPServer(("127.0.0.1", 0), KFPStub)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
+    with serve() as url:
+        yield url
 
 
 def test_submit_sends_the_compiled_pipeline_with_auth_and_arguments(kfp_api: str) -> None:
@@ -77,9 +29,20 @@ def test_submit_sends_the_compiled_pipeline_with_auth_and_arguments(kfp_api: str
     assert run["experiment_id"] == "exp-123"
     params = run["runtime_config"]["parameters"]
     assert (params["input_uri"], params["sasrec_epochs"], params["sasrec_loss"]) == ("s3://data/raw/Beauty.txt", 3, "ce")
+    # the backend reads the root from the run, never from the spec (driver/root_dag.go RootDAG)
+    assert run["runtime_config"]["pipeline_root"] == "s3://e4srec-pipelines/root"  # the cluster profile's
+    assert "pipeline root s3://e4srec-pipelines/root" in result.stdout
     spec = run["pipeline_spec"]
     assert spec["pipeline_spec"]["pipelineInfo"]["name"] == "e4srec"  # the cluster profile's compile
     assert "kubernetes" in spec["platform_spec"]["platforms"]
+
+
+def test_submit_refuses_an_older_backend_in_one_line(kfp_api: str) -> None:
+    KFPStub.tag_name = "2.4.1"
+    result = e4srec("submit", "--host", kfp_api, "--input", "s3://d/x.txt")
+    assert result.returncode == 1 and f"{kfp_api} runs Kubeflow Pipelines 2.4.1; this pipeline needs 2.17.0" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not [r for r in KFPStub.requests if r["path"] == "/apis/v2beta1/runs"]
 
 
 def test_submit_reports_a_refusal_in_one_line(kfp_api: str) -> None:
@@ -110,14 +73,60 @@ def test_rerun_one_stage_from_an_earlier_run(tiny_run: tuple[Path, Path, str]) -
     assert bad.returncode == 1 and "--set 'epochz=2': expected KEY=VALUE with KEY one of" in bad.stderr
 
 
-def test_rerun_submits_the_one_stage_pipeline_with_host(tiny_run: tuple[Path, Path, str], kfp_api: str) -> None:
+def test_rerun_takes_the_parameters_the_earlier_run_gave_the_stage(tiny_run: tuple[Path, Path, str]) -> None:
+    from e4srec_pipelines.profiles import load_profile
+    from e4srec_pipelines.submit import earlier_run, rerun_pipeline, stage_components
+
+    _, run_dir, _ = tiny_run  # `e4srec run ... --e4srec-eval-users 50 --no-tracking`
+    run = earlier_run(str(run_dir))
+    deploy = stage_components(load_profile("local"))["deploy"]
+    inherited = run.stage_parameters("deploy", deploy)
+    assert (inherited["eval_users"], inherited["seed"], inherited["tracking"]) == (50, 42, False)
+    said: list[str] = []
+    rerun_pipeline("deploy", run, ["eval_users=20"], report=said.append)
+    assert said[0].startswith(f"rerun deploy with the parameters run {run_dir.name} gave it: ")
+    assert "seed=42" in said[0] and said[0].endswith("; set here: eval_users=20")
+
+
+def test_rerun_with_host_takes_a_run_id_and_refuses_the_local_profile(tiny_run: tuple[Path, Path, str],
+                                                                       kfp_api: str) -> None:
     cwd, run_dir, _ = tiny_run
-    result = e4srec("rerun", "pretrain-sasrec", "--from", run_dir, "--set", "epochs=3", "--host", kfp_api,
-                    "--token", "tok-2", cwd=cwd)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    assert "submitted rerun of pretrain-sasrec: run run-456" in result.stdout
+    missing = e4srec("rerun", "pretrain-sasrec", "--from", "no-such-run", "--host", kfp_api, "--token", "tok-2", cwd=cwd)
+    assert missing.returncode == 1 and f"run no-such-run: not found at {kfp_api}" in missing.stderr
     assert all(r["auth"] == "Bearer tok-2" for r in KFPStub.requests)
-    (run,) = [r["body"] for r in KFPStub.requests if r["path"] == "/apis/v2beta1/runs"]
-    spec = run["pipeline_spec"]  # the local profile sets no Kubernetes options: no platform spec beside it
-    assert spec["pipelineInfo"]["name"] == "e4srec-rerun-pretrain-sasrec"
-    assert str(run_dir / "prepare-data" / "data") in json.dumps(spec)  # the importer reads the earlier output
+    refused = e4srec("rerun", "pretrain-sasrec", "--from", run_dir, "--host", kfp_api, "--profile", "local", cwd=cwd)
+    assert refused.returncode == 1 and "rerun --host runs on Kubeflow" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
+
+
+def test_submit_upload_makes_a_pipeline_then_new_versions_and_runs_them(kfp_api: str) -> None:
+    first = e4srec("submit", "--host", kfp_api, "--upload", "e4srec-beauty", "--input", "s3://d/Beauty.txt")
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "uploaded pipeline 'e4srec-beauty' version" in first.stdout and "(pl-1 / pl-1-v1)" in first.stdout
+    second = e4srec("submit", "--host", kfp_api, "--upload", "e4srec-beauty", "--input", "s3://d/Beauty.txt")
+    assert second.returncode == 0 and "(pl-1 / pl-1-v2)" in second.stdout  # the same pipeline, a new version
+    uploads = [r for r in KFPStub.requests if r["path"].startswith("/apis/v2beta1/pipelines/upload")]
+    assert [r["path"].rsplit("/", 1)[-1] for r in uploads] == ["upload", "upload_version"]
+    assert all(r["body"]["has_pipeline_spec"] for r in uploads)
+    runs = [r["body"] for r in KFPStub.requests if r["path"] == "/apis/v2beta1/runs"]
+    assert [r["pipeline_version_reference"] for r in runs] == [
+        {"pipeline_id": "pl-1", "pipeline_version_id": "pl-1-v1"}, {"pipeline_id": "pl-1", "pipeline_version_id": "pl-1-v2"}]
+    assert runs[0]["runtime_config"]["parameters"]["input_uri"] == "s3://d/Beauty.txt"
+    assert runs[0]["runtime_config"]["pipeline_root"] == "s3://e4srec-pipelines/root"
+
+
+def test_submit_schedule_creates_a_recurring_run(kfp_api: str) -> None:
+    result = e4srec("submit", "--host", kfp_api, "--schedule", "0 3 * * 1", "--input", "s3://d/Beauty.txt")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "submitted recurring run rr-789" in result.stdout
+    (made,) = [r["body"] for r in KFPStub.requests if r["path"] == "/apis/v2beta1/recurringruns"]
+    assert made["trigger"]["cron_schedule"]["cron"] == "0 0 3 * * 1"  # KFP's cron has seconds first
+    assert made["max_concurrency"] == "1" or made["max_concurrency"] == 1
+    spec = made["pipeline_spec"]["pipeline_spec"]
+    assert spec["pipelineInfo"]["name"] == "e4srec"
+    # a schedule reads the same input URI each time: no task may answer from the cache
+    tasks = [t for c in [spec["root"], *spec["components"].values()] for t in c.get("dag", {}).get("tasks", {}).values()]
+    assert tasks and not any(t.get("cachingOptions", {}).get("enableCache") for t in tasks)
+    assert made["runtime_config"]["parameters"]["input_uri"] == "s3://d/Beauty.txt"
+    bad = e4srec("submit", "--host", kfp_api, "--schedule", "every monday", "--input", "s3://d/Beauty.txt")
+    assert bad.returncode == 1 and "a cron expression has 5 fields" in bad.stderr

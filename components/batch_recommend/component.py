@@ -17,8 +17,6 @@ def batch_recommend(
     device: str = "auto",
     tracking: bool = True,
     experiment: str = "e4srec",
-    pipeline_run_id: str = "",
-    pipeline_run_name: str = "",
 ):
     """Top-k original item ids for every user of the dataset, as recommendations.parquet."""
     from e4srec.kfp_artifacts import publish_metrics
@@ -26,8 +24,7 @@ def batch_recommend(
 
     config = stage.BatchRecommendConfig(k=k, batch_size=batch_size, max_users=max_users, device=device)
     values = stage.run_tracked(config, model.path, data.path, recommendations.path, tracking=tracking,
-                               experiment=experiment, pipeline_run_id=pipeline_run_id,
-                               pipeline_run_name=pipeline_run_name)
+                               experiment=experiment)
     recommendations.metadata.update({"k": k, "users": int(values["batch/users"])})
     publish_metrics(metrics, values)
 

@@ -22,7 +22,6 @@ def deploy(
     device: str = "auto",
     tracking: bool = True,
     experiment: str = "e4srec",
-    pipeline_run_id: str = "",
     pipeline_run_name: str = "",
 ) -> bool:
     """Register the model as the challenger and judge it against the champion; returns the verdict.
@@ -47,8 +46,7 @@ def deploy(
                                 when_no_champion=when_no_champion, force_promote=force_promote,
                                 eval_users=eval_users, eval_batch_size=eval_batch_size, seed=seed, device=device)
     values, result = stage.run_tracked(config, model.path, data.path, verdict.path, apply=False,
-                                       experiment=experiment, pipeline_run_id=pipeline_run_id,
-                                       pipeline_run_name=pipeline_run_name)
+                                       experiment=experiment, pipeline_run_name=pipeline_run_name)
     verdict.metadata.update({k: v for k, v in result.items() if v is not None})
     publish_metrics(metrics, values)
     return bool(result["promote"])

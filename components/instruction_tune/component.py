@@ -15,6 +15,7 @@ def instruction_tune(
     quantization: str = "none",
     local_files_only: bool = True,
     skip: bool = False,
+    tune: bool = True,
     holdout: int = 100,
     max_examples: int = 0,
     epochs: int = 1,
@@ -36,26 +37,23 @@ def instruction_tune(
     threads: int = 0,
     tracking: bool = True,
     experiment: str = "e4srec",
-    pipeline_run_id: str = "",
-    pipeline_run_name: str = "",
-) -> str:
-    """LoRA SFT of the backbone on Alpaca data, or (skip) the base passed through; returns the output URI."""
+):
+    """LoRA SFT of the backbone on Alpaca data, or (skip, or not tune) the base passed through, as the
+    `backbone` artifact. `tune` is the pipeline parameter's sense of the same switch."""
     from e4srec.kfp_artifacts import publish_metrics
     from e4srec.stages import instruction_tune as stage
 
     config = stage.InstructionTuneConfig(
         backbone=backbone_spec, dtype=dtype, quantization=quantization, local_files_only=local_files_only,
-        skip=skip, holdout=holdout, max_examples=max_examples, epochs=epochs, batch_size=batch_size,
+        skip=skip or not tune, holdout=holdout, max_examples=max_examples, epochs=epochs, batch_size=batch_size,
         grad_accum=grad_accum, lr=lr, warmup_ratio=warmup_ratio, weight_decay=weight_decay, max_length=max_length,
         lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=target_modules, merge=merge,
         generations=generations, max_new_tokens=max_new_tokens, seed=seed, device=device, threads=threads,
     )
     values = stage.run_tracked(config, instructions_uri or None, backbone.path, tracking=tracking,
-                               experiment=experiment, pipeline_run_id=pipeline_run_id,
-                               pipeline_run_name=pipeline_run_name)
-    backbone.metadata.update({"backbone": backbone_spec, "skipped": skip, "quantization": quantization})
+                               experiment=experiment)
+    backbone.metadata.update({"backbone": backbone_spec, "skipped": skip or not tune, "quantization": quantization})
     publish_metrics(metrics, values)
-    return backbone.uri
 
 
 def build(image: str = CPU_IMAGE) -> dsl.python_component.PythonComponent:

@@ -21,8 +21,6 @@ def prepare_data(
     seed: int = 42,
     tracking: bool = True,
     experiment: str = "e4srec",
-    pipeline_run_id: str = "",
-    pipeline_run_name: str = "",
 ):
     """Ingest and validate raw interactions, split leave-one-out, sample 99 negatives per user."""
     from e4srec import contracts
@@ -31,8 +29,7 @@ def prepare_data(
 
     config = stage.PrepareDataConfig(format=format, user_col=user_col, item_col=item_col, time_col=time_col,
                                      k_core=k_core, max_len=max_len, n_negatives=n_negatives, seed=seed)
-    values = stage.run_tracked(config, input_uri, data.path, tracking=tracking, experiment=experiment,
-                               pipeline_run_id=pipeline_run_id, pipeline_run_name=pipeline_run_name)
+    values = stage.run_tracked(config, input_uri, data.path, tracking=tracking, experiment=experiment)
     manifest = contracts.read_json(f"{data.path}/{contracts.MANIFEST}")
     data.metadata.update({k: manifest[k] for k in ("n_users", "n_items", "n_interactions", "item_map_sha256")})
     publish_metrics(metrics, values)

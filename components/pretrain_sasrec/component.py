@@ -30,8 +30,6 @@ def pretrain_sasrec(
     threads: int = 0,
     tracking: bool = True,
     experiment: str = "e4srec",
-    pipeline_run_id: str = "",
-    pipeline_run_name: str = "",
 ):
     """Train SASRec with early stopping; export weights, 64-d item embeddings and the item map."""
     from e4srec import contracts
@@ -45,7 +43,6 @@ def pretrain_sasrec(
         threads=threads,
     )
     values = stage.run_tracked(config, data.path, model.path, tracking=tracking, experiment=experiment,
-                               pipeline_run_id=pipeline_run_id, pipeline_run_name=pipeline_run_name,
                                progress=True)
     saved = contracts.read_json(f"{model.path}/{stage.CONFIG}")
     model.metadata.update({"item_map_sha256": saved["item_map_sha256"], "best_epoch": saved["best_epoch"],

@@ -15,7 +15,6 @@ def report(
     page: Output[HTML],
     tracking: bool = True,
     experiment: str = "e4srec",
-    pipeline_run_id: str = "",
     pipeline_run_name: str = "",
 ):
     """Write report.html with its PNGs (folder `report`) and the page alone (`page`, shown by the KFP UI)."""
@@ -24,7 +23,7 @@ def report(
     from e4srec.stages import report as stage
 
     stage.run_tracked(data.path, sasrec.path, e4srec.path, report.path, verdict_dir=verdict.path, tracking=tracking,
-                      experiment=experiment, pipeline_run_id=pipeline_run_id, pipeline_run_name=pipeline_run_name)
+                      experiment=experiment, pipeline_run_name=pipeline_run_name)
     shutil.copyfile(f"{report.path}/{stage.PAGE}", page.path)
 
 

@@ -9,7 +9,7 @@ from kfp.dsl import Dataset, Input, Metrics, Model, Output
 def train_e4srec(
     data: Input[Dataset],
     sasrec: Input[Model],
-    llm_uri: str,
+    llm: Input[Model],
     model: Output[Model],
     metrics: Output[Metrics],
     instruction: str = "Given the user's purchase history, predict next possible item to be purchased.",
@@ -44,8 +44,6 @@ def train_e4srec(
     nproc_per_node: int = 1,
     tracking: bool = True,
     experiment: str = "e4srec",
-    pipeline_run_id: str = "",
-    pipeline_run_name: str = "",
 ):
     """Train E4SRec (frozen LLM, LoRA, projection, item head) and rank the whole catalog.
 
@@ -66,8 +64,7 @@ def train_e4srec(
     )
     run = stage.run_tracked if nproc_per_node <= 1 else stage.run_distributed
     extra = {} if nproc_per_node <= 1 else {"nproc": nproc_per_node}
-    values = run(config, data.path, sasrec.path, llm_uri, model.path, tracking=tracking, experiment=experiment,
-                 pipeline_run_id=pipeline_run_id, pipeline_run_name=pipeline_run_name, **extra)
+    values = run(config, data.path, sasrec.path, llm.path, model.path, tracking=tracking, experiment=experiment, **extra)
     saved = contracts.read_json(f"{model.path}/{stage.CONFIG}")
     model.metadata.update({"item_map_sha256": saved["item_map_sha256"], "backbone": saved["llm"]["backbone"],
                            "kind": "e4srec", "framework": "pytorch+peft"})

@@ -71,9 +71,7 @@ def cmd_train_e4srec(args: argparse.Namespace) -> int:
 
     config = cfg.from_namespace(stage.TrainE4SRecConfig, args)
     metrics = stage.run_tracked(config, args.data, args.sasrec, args.llm, args.output, overwrite=args.overwrite,
-                                tracking=args.tracking, experiment=args.experiment,
-                                pipeline_run_id=os.environ.get("E4SREC_PIPELINE_RUN_ID", ""),
-                                pipeline_run_name=os.environ.get("E4SREC_PIPELINE_RUN_NAME", ""))
+                                tracking=args.tracking, experiment=args.experiment)  # run id: from the environment
     if metrics:  # rank 0 (under torchrun the other processes return nothing)
         _print_metrics(metrics, "E4SRec")
         print(f"wrote {args.output}")
@@ -211,6 +209,7 @@ def _auth_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
+    from e4srec_pipelines.profiles import load_profile
     from e4srec_pipelines.submit import submit
 
     args.host = args.host or os.environ.get("KF_PIPELINES_ENDPOINT")
@@ -220,20 +219,33 @@ def cmd_submit(args: argparse.Namespace) -> int:
     arguments["input_uri"] = args.input
     arguments["instructions_uri"] = args.instructions or ""
     result = submit(arguments, host=args.host, profile=args.profile, namespace=args.namespace,
-                    experiment=args.kfp_experiment, run_name=args.run_name, token=args.token, cookie=args.cookie)
-    print(f"submitted run {result.run_id} to {args.host} (experiment {args.kfp_experiment}, profile {args.profile})")
+                    experiment=args.kfp_experiment, run_name=args.run_name, token=args.token, cookie=args.cookie,
+                    pipeline_root=args.pipeline_root, upload=args.upload, schedule=args.schedule)
+    root = args.pipeline_root if args.pipeline_root is not None else load_profile(args.profile).pipeline_root
+    if result.version_id:
+        print(f"uploaded pipeline {args.upload!r} version {result.version_name} ({result.pipeline_id} / "
+              f"{result.version_id})")
+    print(f"submitted {result.kind} {result.id} to {args.host} (experiment {args.kfp_experiment}, profile "
+          f"{args.profile}, pipeline root {root or 'the kfp-launcher ConfigMap default'}"
+          + (f", schedule {args.schedule!r}" if args.schedule else "") + ")")
     return 0
 
 
 def cmd_rerun(args: argparse.Namespace) -> int:
-    from e4srec_pipelines.submit import rerun_pipeline, submit
+    from e4srec_pipelines.submit import earlier_run, rerun_pipeline, submit
 
     overrides = dict(item.split("=", 1) for item in args.input_override)
-    pipeline = rerun_pipeline(args.stage, args.from_run, args.set, profile=args.profile, overrides=overrides)
+    if args.profile is None:
+        args.profile = "cluster" if args.host else "local"
+    elif args.host and args.profile == "local":
+        raise E4SRecError("rerun --host runs on Kubeflow, the local profile on this machine: drop --profile local "
+                          "(the cluster profile is the default with --host) or pass your cluster profile YAML")
+    run = earlier_run(args.from_run, host=args.host, token=args.token, cookie=args.cookie, namespace=args.namespace)
+    pipeline = rerun_pipeline(args.stage, run, args.set, profile=args.profile, overrides=overrides)
     if args.host:
-        result = submit({}, host=args.host, pipeline=pipeline, namespace=args.namespace,
+        result = submit({}, host=args.host, pipeline=pipeline, profile=args.profile, namespace=args.namespace,
                         experiment=args.kfp_experiment, run_name=args.run_name, token=args.token, cookie=args.cookie)
-        print(f"submitted rerun of {args.stage}: run {result.run_id}")
+        print(f"submitted rerun of {args.stage}: run {result.id}")
         return 0
     from e4srec.local import run_one_stage
 
@@ -408,6 +420,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, help="raw dataset URI, e.g. s3://bucket/raw/Beauty.txt")
     p.add_argument("--instructions", help="instruction data URI (for --instruction-tune-backbone)")
     p.add_argument("--profile", default="cluster", help="cluster, local, or a profile YAML")
+    p.add_argument("--pipeline-root", help="where the run's artifacts go, e.g. s3://bucket/root (default: the "
+                                           "profile's pipeline_root; empty: the kfp-launcher ConfigMap's default)")
+    p.add_argument("--upload", metavar="NAME", help="upload the compiled pipeline as a new version of the named "
+                                                    "pipeline (created when missing) and run that version")
+    p.add_argument("--schedule", metavar="CRON", help="create a recurring run on this cron schedule (5 fields, or "
+                                                      "KFP's 6 with seconds) instead of a single run")
     _auth_args(p)
     for name in names:
         action = run_parser._option_string_actions["--" + name.replace("_", "-")]
@@ -427,12 +445,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p.add_argument("stage", choices=list(RERUN_INPUTS), help="the stage to run again")
     p.add_argument("--from", dest="from_run", required=True,
-                   help="the earlier run's folder (runs/e4srec-...) or an s3:// prefix with the same layout")
+                   help="the earlier run: its folder (runs/e4srec-...), or with --host its Kubeflow run id")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="a stage parameter (its component's), repeatable: --set epochs=5 --set loss=ce")
+                   help="a stage parameter (its component's), repeatable: --set epochs=5 --set loss=ce; the others "
+                        "are the ones the earlier run gave the stage")
     p.add_argument("--input-override", action="append", default=[], metavar="INPUT=URI",
                    help="take one input from elsewhere, e.g. --input-override sasrec=s3://bucket/x/model")
-    p.add_argument("--profile", default="local", help="local (run here), cluster, or a profile YAML")
+    p.add_argument("--profile", help="local (run here; the default), cluster (the default with --host), or a "
+                                      "profile YAML")
     p.add_argument("--pipeline-root", type=Path, default=Path("runs"), help="where a local rerun's outputs land")
     _auth_args(p)
     p.set_defaults(func=cmd_rerun)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+import uuid
 import warnings
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ def run_local(input_path: Path | str, instructions: Path | str | None, pipeline_
     absolute here so that every task writes to the same file.
     """
     from e4srec_pipelines import create_pipeline
+    from e4srec_pipelines.submit import RUN_RECORD
 
     from e4srec.evaluate import format_table
     from e4srec.storage import is_s3
@@ -52,7 +54,16 @@ def run_local(input_path: Path | str, instructions: Path | str | None, pipeline_
     elif params.get("instruction_tune_backbone"):
         raise E4SRecError(f"{instructions}: instruction file not found; pass --instructions")
     root = _init_kfp_local(pipeline_root)
-    task = create_pipeline("local")(input_uri=str(input_path), instructions_uri=instructions_uri, **params)
+    # The tasks' MLflow parent run is keyed by the run id, which on Kubeflow comes from the pod's label
+    # (see e4srec.tracking); kfp.local has no pods, and its subprocesses inherit this environment.
+    os.environ["E4SREC_PIPELINE_RUN_ID"] = str(uuid.uuid4())
+    before = set(root.iterdir())
+    arguments = dict(input_uri=str(input_path), instructions_uri=instructions_uri, **params)
+    try:
+        task = create_pipeline("local")(**arguments)
+    finally:  # the run's parameters beside its outputs, for `e4srec rerun` (also after a failure)
+        for folder in sorted(set(root.iterdir()) - before)[-1:]:
+            c.write_json(folder / RUN_RECORD, {"run_id": os.environ["E4SREC_PIPELINE_RUN_ID"], "parameters": arguments})
     outputs = task.outputs
     sasrec = Path(outputs["sasrec"].path) if "sasrec" in outputs else None
     e4srec = Path(outputs["e4srec"].path) if "e4srec" in outputs else None
@@ -70,7 +81,7 @@ def run_local(input_path: Path | str, instructions: Path | str | None, pipeline_
     print(f"Pipeline outputs:  {sasrec.parent.parent}")
     print(f"  prepared data:   {data}")
     print(f"  SASRec model:    {sasrec}  (item_embeddings.safetensors, metrics.json, *.png)")
-    print(f"  LLM backbone:    {outputs['backbone_uri']}  (backbone.json; adapter/ when instruction-tuned)")
+    print(f"  LLM backbone:    {outputs['backbone'].path}  (backbone.json; adapter/ when instruction-tuned)")
     print(f"  E4SRec model:    {e4srec}  (adapter/, head_proj.safetensors, metrics.json, *.png)")
     for page in sorted(sasrec.parent.parent.glob("report*/report/report.html")):
         print(f"  run report:      {page}")

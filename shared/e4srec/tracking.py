@@ -5,12 +5,20 @@ working directory. Stages of one pipeline run find their parent by the tag `e4sr
 (the KFP run id), creating it on first use, so any stage can run first, alone, or again. A stage run
 outside a pipeline gets a top-level run of its own.
 
+The run id reaches a stage in the environment, `E4SREC_PIPELINE_RUN_ID`, never as a task input: on
+Kubeflow from the pod's `pipeline/runid` label (kfp-kubernetes `use_field_path_as_env`), locally from
+`e4srec run`. An input would enter KFP's cache fingerprint and no task would ever hit the cache.
+The parent run is named after the run when a stage knows its name: the uncached stages deploy and
+report get it as an input (`{{$.pipeline_job_name}}`) and name the parent then; until then it is
+`pipeline-<run id>`.
+
 MLflow forbids '@' in metric names, so `test/full/HR@10` is logged as `test/full/HR_at_10`;
 metrics.json keeps the '@'.
 """
 
 from __future__ import annotations
 
+import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -89,25 +97,80 @@ class Tracker:
             mlflow.set_tags(tags)
 
 
-def _parent_run(client: Any, experiment_id: str, pipeline_run_id: str, pipeline_run_name: str) -> str:
-    found = client.search_runs(
-        [experiment_id], filter_string=f"tags.`{PIPELINE_RUN_TAG}` = '{pipeline_run_id}'", max_results=1
-    )
-    if found:
-        client.update_run(found[0].info.run_id, status="RUNNING")
-        return found[0].info.run_id
-    run = client.create_run(
-        experiment_id,
-        run_name=pipeline_run_name or f"pipeline-{pipeline_run_id}",
-        tags={PIPELINE_RUN_TAG: pipeline_run_id, "kfp.run_name": pipeline_run_name},
-    )
-    return run.info.run_id
+def _experiment_id(client: Any, name: str) -> str:
+    """The experiment's id, created when missing. Two stages may create it at the same moment (on a
+    cluster prepare-data and instruction-tune start together): the name is unique in MLflow's store,
+    so the loser gets RESOURCE_ALREADY_EXISTS and reads the winner's."""
+    from mlflow.exceptions import MlflowException
+
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    try:
+        return client.create_experiment(name)
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def _parents(client: Any, experiment_id: str, pipeline_run_id: str) -> list[Any]:
+    return client.search_runs([experiment_id], filter_string=f"tags.`{PIPELINE_RUN_TAG}` = '{pipeline_run_id}'",
+                              max_results=100)
+
+
+def _settle_parent(client: Any, experiment_id: str, pipeline_run_id: str, pipeline_run_name: str,
+                   created: str | None = None) -> tuple[str, str | None]:
+    """(the pipeline run's parent run, the parent this stage created if it did).
+
+    MLflow has no unique key for a run, so two stages starting together can both create a parent. The
+    parent with the smallest run id is the pipeline's; a stage joins it. A stage deletes only a parent it
+    created itself, at its own end (`created` given), after moving that parent's children (nesting is the
+    `mlflow.parentRunId` tag) to the winner; no stage deletes a parent another may be starting under.
+    """
+    found = _parents(client, experiment_id, pipeline_run_id)
+    if not found:
+        if created is None:
+            created = client.create_run(experiment_id, run_name=pipeline_run_name or f"pipeline-{pipeline_run_id}",
+                                        tags={PIPELINE_RUN_TAG: pipeline_run_id, "kfp.run_name": pipeline_run_name}
+                                        ).info.run_id
+        found = _parents(client, experiment_id, pipeline_run_id) or [client.get_run(created)]
+    winner = min(found, key=lambda r: r.info.run_id)
+    if pipeline_run_name and not winner.data.tags.get("kfp.run_name"):  # made by a stage that had no name
+        client.update_run(winner.info.run_id, name=pipeline_run_name)
+        client.set_tag(winner.info.run_id, "kfp.run_name", pipeline_run_name)
+    return winner.info.run_id, created
+
+
+def _retire(client: Any, experiment_id: str, loser: str, winner: str) -> None:
+    """Move a losing parent's children to the winner, then delete it."""
+    children = client.search_runs([experiment_id], max_results=1000,
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{loser}'")
+    for child in children:
+        client.set_tag(child.info.run_id, "mlflow.parentRunId", winner)
+    client.delete_run(loser)
+
+
+# The oldest MLflow server the stages work with: they are MLflow 3 clients, and MLflow 3's log_model
+# records a LoggedModel through /api/2.0/mlflow/logged-models, which 2.x servers do not have.
+MIN_MLFLOW_SERVER = (3, 0)
+
+
+def _server_version(uri: str, timeout: float) -> str:
+    """What the server's /version answers ('' when it does not say)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/version", timeout=timeout) as response:
+            return response.read().decode().strip()
+    except (urllib.error.URLError, OSError, UnicodeDecodeError):
+        return ""
 
 
 def check_server(attempts: int = 3, timeout: float = 5.0) -> None:
     """For an http(s) tracking URI, fail in seconds (not after MLflow's minutes of retries) when the
-    server does not answer its /health endpoint."""
-    import os
+    server does not answer its /health endpoint, or is older than MIN_MLFLOW_SERVER."""
     import time
     import urllib.error
     import urllib.request
@@ -122,6 +185,7 @@ def check_server(attempts: int = 3, timeout: float = 5.0) -> None:
         try:
             with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
                 if response.status == 200:
+                    _check_version(uri, _server_version(uri, timeout))
                     return
                 reason = f"HTTP {response.status}"
         except (urllib.error.URLError, OSError) as e:
@@ -130,6 +194,18 @@ def check_server(attempts: int = 3, timeout: float = 5.0) -> None:
             time.sleep(min(2**attempt, 4))
     raise E4SRecError(f"MLflow server {uri} is not answering ({reason}) after {attempts} tries; start it, fix "
                       f"MLFLOW_TRACKING_URI, or run with --no-tracking")
+
+
+def _check_version(uri: str, text: str) -> None:
+    import re
+
+    from e4srec.errors import E4SRecError
+
+    m = re.match(r"(\d+)\.(\d+)", text)
+    if m and (int(m.group(1)), int(m.group(2))) < MIN_MLFLOW_SERVER:
+        raise E4SRecError(f"MLflow server {uri} is version {text}; the stages need "
+                          f"{'.'.join(map(str, MIN_MLFLOW_SERVER))} or later (MLflow 3 clients log models through "
+                          f"its logged-models API); upgrade the server")
 
 
 @contextmanager
@@ -151,23 +227,37 @@ def stage_run(
         return
     check_server()
     import mlflow
+    from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
+    pipeline_run_id = pipeline_run_id or os.environ.get("E4SREC_PIPELINE_RUN_ID", "")
+    pipeline_run_name = pipeline_run_name or os.environ.get("E4SREC_PIPELINE_RUN_NAME", "")
     client = MlflowClient()
-    exp = client.get_experiment_by_name(experiment)
-    experiment_id = exp.experiment_id if exp else client.create_experiment(experiment)
-    parent = _parent_run(client, experiment_id, pipeline_run_id, pipeline_run_name) if pipeline_run_id else None
-    with mlflow.start_run(
-        experiment_id=experiment_id, run_name=stage, parent_run_id=parent, tags={STAGE_TAG: stage}
-    ) as run:
-        status = "FAILED"
+    experiment_id = _experiment_id(client, experiment)
+    parent = created = None
+    for attempt in range(3):  # a parent can vanish between settling and starting under it (its creator retired it)
         try:
-            yield Tracker(run.info.run_id)
-            status = "FINISHED"
-        finally:
-            mlflow.end_run(status)
-            if parent:
-                client.set_terminated(parent, status)
+            if pipeline_run_id:
+                parent, created = _settle_parent(client, experiment_id, pipeline_run_id, pipeline_run_name, created)
+                client.update_run(parent, status="RUNNING")
+            run = mlflow.start_run(experiment_id=experiment_id, run_name=stage, parent_run_id=parent,
+                                   tags={STAGE_TAG: stage})
+            break
+        except MlflowException:
+            if attempt == 2 or not pipeline_run_id:
+                raise
+    status = "FAILED"
+    try:
+        yield Tracker(run.info.run_id)
+        status = "FINISHED"
+    finally:
+        mlflow.end_run(status)
+        if parent:  # settle again: a stage that started at the same moment may have made a parent too
+            parent, _ = _settle_parent(client, experiment_id, pipeline_run_id, pipeline_run_name, created)
+            if created and created != parent:
+                _retire(client, experiment_id, created, parent)
+            client.set_tag(run.info.run_id, "mlflow.parentRunId", parent)
+            client.set_terminated(parent, status)
 
 
 def figure_to_artifact(tracker: Tracker, fig: Any, name: str, out_dir: Path | None = None) -> None:

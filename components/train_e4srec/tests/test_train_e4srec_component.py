@@ -21,13 +21,18 @@ def test_run_writes_a_reloadable_model(prepared: Path, sasrec_dir: Path, tmp_pat
 
 
 def test_component_runs_in_a_one_stage_kfp_local_pipeline(prepared: Path, sasrec_dir: Path, tmp_path: Path) -> None:
+    from e4srec.stages import instruction_tune
+
     train = component.build()
+    backbone = tmp_path / "backbone"  # what instruction-tune --skip hands on: the descriptor alone
+    instruction_tune.run(instruction_tune.InstructionTuneConfig(backbone="tiny", skip=True), None, backbone)
 
     @dsl.pipeline(name="rerun-train-e4srec")
     def rerun() -> dsl.Model:
         data = dsl.importer(artifact_uri=str(prepared), artifact_class=dsl.Dataset)
         sasrec = dsl.importer(artifact_uri=str(sasrec_dir), artifact_class=dsl.Model)
-        return train(data=data.output, sasrec=sasrec.output, llm_uri="tiny", max_examples=32, eval_users=20,
+        llm = dsl.importer(artifact_uri=str(backbone), artifact_class=dsl.Model)
+        return train(data=data.output, sasrec=sasrec.output, llm=llm.output, max_examples=32, eval_users=20,
                      device="cpu", tracking=False).outputs["model"]
 
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "root"))

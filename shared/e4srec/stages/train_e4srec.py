@@ -87,7 +87,8 @@ class TrainE4SRecConfig(PromptOptions):
                                            "row (same loss; LoRA dropout on them drawn once per batch)")
     bucket_by_length: bool = cfg.option(True, "batch examples of similar history length (less padding)")
     checkpoint_every: int = cfg.option(0, "save a resumable checkpoint every N optimizer steps (0: off)")
-    checkpoint_dir: str = cfg.option("", "where checkpoints go (default: OUTPUT.checkpoints beside the output)")
+    checkpoint_dir: str = cfg.option("", "where checkpoints go (default: OUTPUT.checkpoints beside the output); "
+                                         "{run_id} becomes the pipeline run's id ($E4SREC_PIPELINE_RUN_ID)")
     resume: bool = cfg.option(False, "continue from the checkpoint in checkpoint_dir when there is one")
     seed: int = cfg.option(42, "seed for LoRA/head initialisation, example order and dropout")
     device: str = cfg.option("auto", "cpu, cuda, cuda:N or auto (under torchrun: this process's GPU)")
@@ -352,8 +353,12 @@ def run(config: TrainE4SRecConfig, data_dir: Path | str, sasrec_dir: Path | str,
     keep = seeded_subset(len(targets), config.max_examples, config.seed)
     if keep is not None:
         histories, targets = histories[keep], targets[keep]
-    if config.checkpoint_dir:
-        ckpt_root = Path(config.checkpoint_dir)
+    if config.checkpoint_dir:  # on a cluster a PVC path per run, so that a retried pod resumes its own run
+        run_id = os.environ.get("E4SREC_PIPELINE_RUN_ID", "")
+        if "{run_id}" in config.checkpoint_dir and not run_id:
+            raise E4SRecError(f"checkpoint_dir {config.checkpoint_dir!r} names {{run_id}} but E4SREC_PIPELINE_RUN_ID "
+                              f"is not set; set it (the pipeline does) or give a plain folder")
+        ckpt_root = Path(config.checkpoint_dir.replace("{run_id}", run_id))
     elif is_s3(output):  # checkpoints stay on local disk beside an S3 output's staging
         ckpt_root = Path(tempfile.gettempdir()) / "e4srec-checkpoints" / str(output).replace("/", "_")
     else:
@@ -481,7 +486,8 @@ def run_distributed(config: TrainE4SRecConfig, data_dir: Path | str, sasrec_dir:
         else:
             cmd += [flag, str(value)]
     cmd.append("--tracking" if tracking else "--no-tracking")
-    env = {**os.environ, "E4SREC_PIPELINE_RUN_ID": pipeline_run_id, "E4SREC_PIPELINE_RUN_NAME": pipeline_run_name}
+    env = {**os.environ, **{k: v for k, v in (("E4SREC_PIPELINE_RUN_ID", pipeline_run_id),
+                                              ("E4SREC_PIPELINE_RUN_NAME", pipeline_run_name)) if v}}
     if subprocess.run(cmd, env=env).returncode != 0:
         raise E4SRecError(f"data-parallel training with {nproc} processes failed; see the log above")
     return c.read_json(Path(fetch(f"{str(output).rstrip('/')}/{c.METRICS}")))  # the one object, not the folder

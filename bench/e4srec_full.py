@@ -74,9 +74,7 @@ def main(argv: list[str] | None = None) -> int:
 
     sessions_file = args.output.with_name(args.output.name + ".sessions.json")
     sessions = json.loads(sessions_file.read_text()) if sessions_file.is_file() else []
-    ckpt = (Path(config.checkpoint_dir) if config.checkpoint_dir
-            else args.output.with_name(args.output.name + ".checkpoints"))  # the stage's default
-    progress = ckpt / "progress.json"
+    progress = stage.checkpoint_root(config, args.output) / "progress.json"
     if sessions and sessions[-1]["end"] is None:  # stopped: its work counts up to its last checkpoint
         sessions[-1]["end"] = progress.stat().st_mtime if progress.is_file() else sessions[-1]["start"]
         sessions[-1]["stopped"] = True

@@ -76,6 +76,7 @@ class Submitted:
 
     kind: str  # "run" or "recurring run"
     id: str
+    pipeline_root: str | None = None  # None: the kfp-launcher ConfigMap's default
     pipeline_id: str | None = None
     version_id: str | None = None
     version_name: str | None = None
@@ -119,6 +120,7 @@ def submit_package(package: Path, arguments: dict[str, Any], *, host: str, names
     from e4srec.images import VERSION
 
     cron = cron_6(schedule) if schedule else None
+    root = pipeline_root or None
     warnings.filterwarnings("ignore", message="This client only works with Kubeflow Pipeline", category=FutureWarning)
     check_api(host, token, cookie)
     try:
@@ -142,19 +144,19 @@ def submit_package(package: Path, arguments: dict[str, Any], *, host: str, names
             experiment_id = kfp_client.create_experiment(experiment, namespace=namespace).experiment_id
             made = kfp_client.create_recurring_run(
                 experiment_id, run_name or f"{upload or PIPELINE_NAME} {cron}", cron_expression=cron, params=arguments,
-                pipeline_root=pipeline_root or None, max_concurrency=1, no_catchup=True,
+                pipeline_root=root, max_concurrency=1, no_catchup=True,
                 enable_caching=False,  # the same input URI each time: the data behind it is what changes
                 **source)
-            return Submitted("recurring run", made.recurring_run_id, pipeline_id, version_id, version_name)
+            return Submitted("recurring run", made.recurring_run_id, root, pipeline_id, version_id, version_name)
         if upload:
             experiment_id = kfp_client.create_experiment(experiment, namespace=namespace).experiment_id
             made = kfp_client.run_pipeline(experiment_id, run_name or f"{upload} {version_name}", params=arguments,
-                                           pipeline_root=pipeline_root or None, **source)
-            return Submitted("run", made.run_id, pipeline_id, version_id, version_name)
+                                           pipeline_root=root, **source)
+            return Submitted("run", made.run_id, root, pipeline_id, version_id, version_name)
         made = kfp_client.create_run_from_pipeline_package(
             str(package), arguments=arguments, run_name=run_name, experiment_name=experiment, namespace=namespace,
-            pipeline_root=pipeline_root or None)
-        return Submitted("run", made.run_id)
+            pipeline_root=root)
+        return Submitted("run", made.run_id, root)
     except E4SRecError:
         raise
     except Exception as e:  # noqa: BLE001 (kfp_server_api ApiException, urllib3 errors, kfp's healthz TimeoutError)
@@ -236,11 +238,15 @@ class EarlierRun:
                 pipeline_param = src.get("componentInputParameter", "").removeprefix(CHANNEL)
                 value = self.parameters.get(pipeline_param, defaults.get(pipeline_param))
                 if name in accepted and pipeline_param and value is not None:
-                    kind = accepted[name].annotation
-                    if kind is bool and isinstance(value, str):
-                        value = value.strip().lower() in ("1", "true", "yes")
-                    out[name] = kind(value) if kind in (int, float, str, bool) else value
+                    out[name] = _as(accepted[name].annotation, value)
         return out
+
+
+def _as(kind: Any, value: Any) -> Any:
+    """A value as a component parameter of type `kind` takes it; a bool from text is 1/true/yes."""
+    if kind is bool and isinstance(value, str):
+        return value.strip().lower() in ("1", "true", "yes")
+    return kind(value) if kind in (int, float, str, bool) else value
 
 
 def _tasks(spec: dict[str, Any]) -> list[dict[str, Any]]:
@@ -291,23 +297,22 @@ def earlier_run(run: str, *, host: str | None = None, token: str | None = None, 
 
     if host:
         check_api(host, token, cookie)
+        kfp_client = client(host, namespace, token, cookie)
         try:
-            api_run = client(host, namespace, token, cookie).get_run(run).to_dict()
+            api_run = kfp_client.get_run(run).to_dict()
         except Exception as e:  # noqa: BLE001 (kfp_server_api ApiException)
             raise E4SRecError(f"run {run}: not found at {host} ({getattr(e, 'status', '') or e}); --from takes a "
                               f"run id with --host") from None
         spec = api_run.get("pipeline_spec") or {}
-        spec = spec.get("pipeline_spec", spec)  # with a platform spec, the pipeline spec is one level down
-        if "root" not in spec:  # a run of an uploaded pipeline version: that version's spec
+        if not spec:  # a run of an uploaded pipeline version: that version's spec
             ref = api_run.get("pipeline_version_reference") or {}
             try:
-                version = client(host, namespace, token, cookie).get_pipeline_version(
-                    ref.get("pipeline_id"), ref.get("pipeline_version_id")).to_dict()
+                spec = kfp_client.get_pipeline_version(ref.get("pipeline_id"),
+                                                       ref.get("pipeline_version_id")).to_dict().get("pipeline_spec")
             except Exception as e:  # noqa: BLE001 (kfp_server_api ApiException)
                 raise E4SRecError(f"run {run}: cannot read its pipeline version {ref} ({e}); pass the inputs with "
                                   f"--input-override") from None
-            spec = version.get("pipeline_spec") or {}
-            spec = spec.get("pipeline_spec", spec)
+        spec = (spec or {}).get("pipeline_spec", spec)  # with a platform spec, the pipeline spec is one level down
         params = (api_run.get("runtime_config") or {}).get("parameters") or {}
         return EarlierRun(run, params, spec, api_run=api_run)
     folder = Path(run)
@@ -337,7 +342,7 @@ def convert(component: Any, settings: list[str]) -> dict[str, Any]:
             raise E4SRecError(f"--set {item!r}: expected KEY=VALUE with KEY one of {known}")
         kind = params[key].annotation
         try:
-            out[key] = (value.lower() in ("1", "true", "yes")) if kind is bool else kind(value)
+            out[key] = _as(kind, value)
         except ValueError:
             raise E4SRecError(f"--set {item!r}: {value!r} is not a valid {kind.__name__}") from None
     return out

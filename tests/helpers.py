@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,3 +52,25 @@ def wait_for_http(url: str, server: subprocess.Popen, log: Path, timeout: float)
                 raise RuntimeError(f"the server behind {url} exited ({server.returncode}):\n{log.read_text()[-3000:]}")
             time.sleep(1)
     raise RuntimeError(f"{url} did not answer within {timeout:.0f} s; see {log}")
+
+
+@contextmanager
+def mlflow_server(backend_store: str, artifacts: str, env: dict[str, str], log_dir: Path,
+                  workers: int = 1) -> Iterator[str]:
+    """`mlflow server` on a free 127.0.0.1 port with `artifacts` proxied (an s3:// URI with the S3 server's
+    settings in `env`); yields its URL once /health answers, stops it on the way out."""
+    port = free_port()
+    env = {**os.environ, **env, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    log = log_dir / "server.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_store, "--artifacts-destination",
+         artifacts, "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers)], env=env,
+        stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_http(url + "/health", proc, log, timeout=180)
+        yield url
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=30)

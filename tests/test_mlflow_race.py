@@ -5,15 +5,11 @@ backend store (a fresh database) and SeaweedFS for artifacts."""
 from __future__ import annotations
 
 import multiprocessing
-import os
-import signal
 import subprocess
-import sys
 import uuid
-from pathlib import Path
 
 import pytest
-from helpers import free_port, wait_for_http
+from helpers import mlflow_server
 from s3server import BUCKET
 
 PG = ["-h", "127.0.0.1", "-p", "5432", "-U", "postgres"]  # trust auth on the machines and in CI
@@ -33,22 +29,11 @@ def postgres_mlflow(s3, tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN0
         pytest.fail("PostgreSQL is not answering on 127.0.0.1:5432; it runs on every machine and in CI")
     db = f"e4srec_race_{uuid.uuid4().hex[:12]}"
     subprocess.run(["createdb", *PG, db], check=True)
-    root = tmp_path_factory.mktemp("mlflow-postgres")
-    port = free_port()
-    env = {**os.environ, **s3.env(), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"postgresql+psycopg2://postgres@127.0.0.1:5432/{db}",
-         "--artifacts-destination", f"s3://{BUCKET}/mlflow-race", "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "2"], env=env, stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT,
-        start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
     try:
-        wait_for_http(url + "/health", proc, root / "server.log", timeout=180)
-        yield url
+        with mlflow_server(f"postgresql+psycopg2://postgres@127.0.0.1:5432/{db}", f"s3://{BUCKET}/mlflow-race",
+                           s3.env(), tmp_path_factory.mktemp("mlflow-postgres"), workers=2) as url:
+            yield url
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=30)
         subprocess.run(["dropdb", *PG, "--if-exists", db], check=False)
 
 

@@ -3,16 +3,13 @@ the model registered and promoted at the end; and a stage started while the MLfl
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 from e4srec import storage
-from helpers import e4srec, free_port, wait_for_http
+from helpers import e4srec, free_port
+from helpers import mlflow_server as start_mlflow_server
 from s3server import BUCKET
 
 
@@ -20,22 +17,8 @@ from s3server import BUCKET
 def mlflow_server(s3, tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN001, ANN201
     """`mlflow server` on 127.0.0.1 with a SQLite backend and artifacts proxied to S3."""
     root = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
-    env = {**os.environ, **s3.env(), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-         "--artifacts-destination", f"s3://{BUCKET}/mlflow", "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"], env=env, stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT,
-        start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for_http(url + "/health", proc, root / "server.log", timeout=180)
-    except RuntimeError:
-        os.killpg(proc.pid, signal.SIGTERM)
-        raise
-    yield url
-    os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(timeout=30)
+    with start_mlflow_server(f"sqlite:///{root / 'mlflow.db'}", f"s3://{BUCKET}/mlflow", s3.env(), root) as url:
+        yield url
 
 
 @pytest.mark.timeout(900)

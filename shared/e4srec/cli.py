@@ -209,7 +209,6 @@ def _auth_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from e4srec_pipelines.profiles import load_profile
     from e4srec_pipelines.submit import submit
 
     args.host = args.host or os.environ.get("KF_PIPELINES_ENDPOINT")
@@ -221,12 +220,11 @@ def cmd_submit(args: argparse.Namespace) -> int:
     result = submit(arguments, host=args.host, profile=args.profile, namespace=args.namespace,
                     experiment=args.kfp_experiment, run_name=args.run_name, token=args.token, cookie=args.cookie,
                     pipeline_root=args.pipeline_root, upload=args.upload, schedule=args.schedule)
-    root = args.pipeline_root if args.pipeline_root is not None else load_profile(args.profile).pipeline_root
     if result.version_id:
         print(f"uploaded pipeline {args.upload!r} version {result.version_name} ({result.pipeline_id} / "
               f"{result.version_id})")
     print(f"submitted {result.kind} {result.id} to {args.host} (experiment {args.kfp_experiment}, profile "
-          f"{args.profile}, pipeline root {root or 'the kfp-launcher ConfigMap default'}"
+          f"{args.profile}, pipeline root {result.pipeline_root or 'the kfp-launcher ConfigMap default'}"
           + (f", schedule {args.schedule!r}" if args.schedule else "") + ")")
     return 0
 

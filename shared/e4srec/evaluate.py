@@ -39,12 +39,13 @@ def metrics_from_ranks(ranks: np.ndarray) -> dict[str, float]:
     return {m: out[m] for m in METRICS}
 
 
-def rank_last_if_not_finite(scores: torch.Tensor) -> torch.Tensor:
-    """Scores with NaN and +-inf set to -inf, in place: a broken score ranks last, never as a hit.
+def rank_last_if_not_finite(scores: torch.Tensor, floor: float = float("-inf")) -> torch.Tensor:
+    """Scores with NaN and +-inf set to `floor`, in place: a broken score ranks last, never as a hit.
 
     Without this a NaN target would compare false with everything and rank first (HR@10 1.0, NDCG inf).
+    `recommend` passes the dtype's lowest finite value, keeping -inf for what is never recommended.
     """
-    return scores.masked_fill_(~torch.isfinite(scores), float("-inf"))
+    return scores.masked_fill_(~torch.isfinite(scores), floor)
 
 
 def full_ranks(scores: torch.Tensor, seen: tuple[torch.Tensor, torch.Tensor], targets: torch.Tensor) -> torch.Tensor:

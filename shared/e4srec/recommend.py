@@ -17,6 +17,7 @@ import torch
 
 from e4srec import contracts as c
 from e4srec.errors import E4SRecError
+from e4srec.evaluate import rank_last_if_not_finite
 
 
 @dataclass
@@ -71,7 +72,7 @@ class Recommender:
             hist = hist.to(self.device)
             scores = self.model.score_all_items(hist, self.cache).float()  # (B, N+1)
             # A broken (NaN, inf) score ranks after every real one but before what is never recommended.
-            scores.masked_fill_(~torch.isfinite(scores), torch.finfo(scores.dtype).min)
+            rank_last_if_not_finite(scores, floor=torch.finfo(scores.dtype).min)
             scores.scatter_(1, hist, float("-inf"))  # never recommend the history (or padding)
             scores[:, 0] = float("-inf")
             top = min(max(ks[s : s + batch_size]), self.n_items)

@@ -284,15 +284,13 @@ class _Run:
             else:  # dsl.OneOf: the first producer that completed (driver/resolve.go GetProducerTask)
                 sel = p["valueFromOneof"]["parameterSelectors"]
             for s in sel:
-                rec = done.get(s["producerSubtask"])
-                if rec and rec.state in (COMPLETE, CACHED):
-                    out["parameters"][name] = rec.parameters[s["outputParameterKey"]]
+                if (value := _produced(done, s["producerSubtask"], "parameters", s["outputParameterKey"])) is not None:
+                    out["parameters"][name] = value
                     break
         for name, a in spec.get("artifacts", {}).items():
             for s in a["artifactSelectors"]:
-                rec = done.get(s["producerSubtask"])
-                if rec and rec.state in (COMPLETE, CACHED):
-                    out["artifacts"][name] = rec.artifacts[s["outputArtifactKey"]]
+                if (value := _produced(done, s["producerSubtask"], "artifacts", s["outputArtifactKey"])) is not None:
+                    out["artifacts"][name] = value
                     break
         return out
 
@@ -311,11 +309,8 @@ class _Run:
                 values[name] = params[src]
             elif "taskOutputParameter" in spec:
                 t = spec["taskOutputParameter"]
-                rec = done.get(t["producerTask"])
-                if rec is None or rec.state not in (COMPLETE, CACHED) or t["outputParameterKey"] not in rec.parameters:
-                    raise HarnessError(f"{task_name}: input {name!r}: task {t['producerTask']!r} produced no "
-                                       f"{t['outputParameterKey']!r}")
-                values[name] = rec.parameters[t["outputParameterKey"]]
+                values[name] = _produced(done, t["producerTask"], "parameters", t["outputParameterKey"],
+                                         f"{task_name}: input {name!r}")
             elif "runtimeValue" in spec:
                 values[name] = self.placeholder(spec["runtimeValue"]["constant"], task_name)
             else:
@@ -324,15 +319,14 @@ class _Run:
         for name, spec in inputs.get("artifacts", {}).items():
             if "componentInputArtifact" in spec:
                 src = spec["componentInputArtifact"]
-                if src in artifacts:
-                    arts[name] = artifacts[src]
+                if src not in artifacts:
+                    raise HarnessError(f"{task_name}: input artifact {name!r}: parent DAG does not have input "
+                                       f"artifact {src}")
+                arts[name] = artifacts[src]
             elif "taskOutputArtifact" in spec:
                 t = spec["taskOutputArtifact"]
-                rec = done.get(t["producerTask"])
-                if rec is None or rec.state not in (COMPLETE, CACHED) or t["outputArtifactKey"] not in rec.artifacts:
-                    raise HarnessError(f"{task_name}: input artifact {name!r}: task {t['producerTask']!r} produced no "
-                                       f"{t['outputArtifactKey']!r}")
-                arts[name] = rec.artifacts[t["outputArtifactKey"]]
+                arts[name] = _produced(done, t["producerTask"], "artifacts", t["outputArtifactKey"],
+                                       f"{task_name}: input artifact {name!r}")
             else:
                 raise HarnessError(f"{task_name}: input artifact {name!r}: unsupported source {sorted(spec)} "
                                    f"(importers are not emulated)")
@@ -566,6 +560,16 @@ def fingerprint_of(executor_input: dict[str, Any], component: dict[str, Any], co
                           "pvcNames": sorted(set(pvc_names or []))},
     }
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def _produced(done: dict[str, TaskRecord], producer: str, kind: str, key: str, consumer: str | None = None) -> Any:
+    """An upstream task's output parameter or artifact list (`kind`), when the task completed or was
+    cached and produced it; else None, or with `consumer` (the input asking) a one-line error."""
+    rec = done.get(producer)
+    value = getattr(rec, kind).get(key) if rec is not None and rec.state in (COMPLETE, CACHED) else None
+    if value is None and consumer is not None:
+        raise HarnessError(f"{consumer}: task {producer!r} produced no {key!r}")
+    return value
 
 
 def _order(tasks: dict[str, Any]) -> list[str]:

@@ -238,6 +238,19 @@ def backbone_dtype(model: E4SRec) -> torch.dtype:
     return model.llm.get_input_embeddings().weight.dtype
 
 
+def checkpoint_root(config: TrainE4SRecConfig, output: Path | str) -> Path:
+    """Where the run's checkpoints go: checkpoint_dir, else beside the output (on local disk for an S3 output)."""
+    if config.checkpoint_dir:  # on a cluster a PVC path per run, so that a retried pod resumes its own run
+        run_id = os.environ.get("E4SREC_PIPELINE_RUN_ID", "")
+        if "{run_id}" in config.checkpoint_dir and not run_id:
+            raise E4SRecError(f"checkpoint_dir {config.checkpoint_dir!r} names {{run_id}} but E4SREC_PIPELINE_RUN_ID "
+                              f"is not set; set it (the pipeline does) or give a plain folder")
+        return Path(config.checkpoint_dir.replace("{run_id}", run_id))
+    if is_s3(output):  # checkpoints stay on local disk beside an S3 output's staging
+        return Path(tempfile.gettempdir()) / "e4srec-checkpoints" / str(output).replace("/", "_")
+    return Path(output).with_name(Path(output).name + ".checkpoints")
+
+
 def epoch_batches(lengths: np.ndarray, config: TrainE4SRecConfig, epoch: int) -> list[np.ndarray]:
     """Global micro-batches of example indices for one epoch; a pure function of (seed, epoch)."""
     rng = np.random.default_rng([config.seed, epoch])
@@ -353,16 +366,7 @@ def run(config: TrainE4SRecConfig, data_dir: Path | str, sasrec_dir: Path | str,
     keep = seeded_subset(len(targets), config.max_examples, config.seed)
     if keep is not None:
         histories, targets = histories[keep], targets[keep]
-    if config.checkpoint_dir:  # on a cluster a PVC path per run, so that a retried pod resumes its own run
-        run_id = os.environ.get("E4SREC_PIPELINE_RUN_ID", "")
-        if "{run_id}" in config.checkpoint_dir and not run_id:
-            raise E4SRecError(f"checkpoint_dir {config.checkpoint_dir!r} names {{run_id}} but E4SREC_PIPELINE_RUN_ID "
-                              f"is not set; set it (the pipeline does) or give a plain folder")
-        ckpt_root = Path(config.checkpoint_dir.replace("{run_id}", run_id))
-    elif is_s3(output):  # checkpoints stay on local disk beside an S3 output's staging
-        ckpt_root = Path(tempfile.gettempdir()) / "e4srec-checkpoints" / str(output).replace("/", "_")
-    else:
-        ckpt_root = Path(output).with_name(Path(output).name + ".checkpoints")
+    ckpt_root = checkpoint_root(config, output)
     checkpoints = Checkpoints(ckpt_root, rank) if config.checkpoint_every or config.resume else None
     tracker.log_params(cfg.to_dict(config) | {"backbone": descriptor["backbone"], "examples": len(targets),
                                                "backbone_dtype": DTYPE_NAMES[str(backbone_dtype(model))],

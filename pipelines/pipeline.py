@@ -180,9 +180,10 @@ def create_pipeline(profile: str | Path | Profile = "cluster", *, name: str = PI
                 deploy gate compares challenger and champion on the same users.
             registered_model: MLflow registered model name (default: e4srec-<dataset>).
             gate_metric: metric the promotion gate compares, e.g. test/full/NDCG@10.
-            gate_min_margin: the challenger must beat the champion by at least this much.
-            when_no_champion: promote or hold when the registered model has no champion yet.
-            force_promote: make the new version champion whatever the gate says.
+            gate_min_margin: the run's better model (E4SRec or SASRec) must beat the champion by more than this.
+            when_no_champion: promote (the better of the run's E4SRec and SASRec) or hold when the registered
+                model has no champion yet.
+            force_promote: make the run's E4SRec champion whatever the gate says (recorded as forced).
             batch_recommend_k: write the top-k items of every user (Parquet) with this k; 0 skips it.
             device: cpu, cuda, cuda:N or auto for the training stages.
             tracking: log every stage to MLflow (one parent run, a nested run per stage); off: deploy
@@ -236,7 +237,8 @@ def create_pipeline(profile: str | Path | Profile = "cluster", *, name: str = PI
         # Not nested under an If on `tracking`: kfp.local cannot resolve a condition inside a condition on a
         # task output. deploy itself returns promote=False, registering nothing, when tracking is off.
         gate = deploy(
-            model=e4srec.outputs["model"], data=data.outputs["data"], registered_model=registered_model,
+            model=e4srec.outputs["model"], sasrec=sasrec.outputs["model"], data=data.outputs["data"],
+            registered_model=registered_model,
             metric=gate_metric, min_margin=gate_min_margin, when_no_champion=when_no_champion,
             force_promote=force_promote, eval_users=e4srec_eval_users, seed=seed, device=device,
             tracking=tracking, experiment=experiment, pipeline_run_name=run_name,

@@ -21,7 +21,7 @@ from helpers import e4srec
         ("submit", ["--host", "--namespace", "--experiment", "--token", "--cookie", "--profile", "--input",
                     "--force-promote", "--no-force-promote", "--instruction-tune-backbone"]),
         ("rerun", ["--from", "--set", "--input-override", "--profile", "--host"]),
-        ("deploy", ["--model", "--data", "--metric", "--min-margin", "--when-no-champion", "--force-promote"]),
+        ("deploy", ["--model", "--sasrec", "--data", "--metric", "--min-margin", "--when-no-champion", "--force-promote"]),
         ("promote", ["--version", "--rollback", "--history", "--force"]),
         ("recommend", ["--model", "--history", "--k"]),
         ("batch-recommend", ["--model", "--data", "--k"]),

@@ -29,7 +29,7 @@ LAUNCH = {"nproc_per_node", "tune"}  # how the component runs the stage (tune: `
     (pretrain_sasrec, PretrainSasrecConfig, {"data", "model", "metrics"}),
     (instruction_tune, InstructionTuneConfig, {"instructions_uri", "backbone", "metrics"}),
     (train_e4srec, TrainE4SRecConfig, {"data", "sasrec", "llm", "model", "metrics"}),
-    (deploy, DeployConfig, {"model", "data", "verdict", "metrics"}),
+    (deploy, DeployConfig, {"model", "sasrec", "data", "verdict", "metrics"}),
     (batch_recommend, BatchRecommendConfig, {"model", "data", "recommendations", "metrics"}),
 ])
 def test_component_parameters_are_the_config_fields(func, config, artifacts) -> None:  # noqa: ANN001

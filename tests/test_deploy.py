@@ -1,4 +1,5 @@
-"""The promotion gate through whole pipeline runs, manual promotion, rollback and the alias history."""
+"""The promotion gate: whole pipeline runs (SASRec crowned, better, worse, equal), all-or-nothing
+registration, manual promotion, rollback and the alias history."""
 
 from __future__ import annotations
 
@@ -7,14 +8,18 @@ from pathlib import Path
 import pytest
 from e4srec import contracts as c
 from e4srec import registry
-from e4srec.stages import prepare_data, pretrain_sasrec
+from e4srec.errors import E4SRecError
+from e4srec.stages import deploy, prepare_data, pretrain_sasrec
 from e4srec.stages import train_e4srec as stage
 from helpers import DATA, e4srec, write_slice
 
 NAME = "e4srec-beauty_800"
 # Full-ranking NDCG of a tiny random backbone over 800 users is too noisy to order models reliably;
-# the sampled protocol separates these three (0.0475 < 0.061 < 0.118 when calibrated).
-GATE = ("--gate-metric", "test/sampled/NDCG@10")
+# the sampled protocol separates these runs.
+METRIC = "test/sampled/NDCG@10"
+GATE = ("--gate-metric", METRIC)
+WEAK = ("--e4srec-lr", "1e-7", "--e4srec-max-examples", "64")  # barely trained: loses to its own SASRec
+STRONG = ("--e4srec-lr", "5e-3", "--e4srec-epochs", "3")  # beats its SASRec on the slice
 
 
 def pipeline_run(tmp_path: Path, raw: Path, *args: str) -> dict:
@@ -23,51 +28,165 @@ def pipeline_run(tmp_path: Path, raw: Path, *args: str) -> dict:
                     "--backbone", "tiny", "--e4srec-batch-size", "32", *GATE, *args, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     run_dir = max((tmp_path / "runs").glob("e4srec-*"))
-    return c.read_json(run_dir / "deploy" / "verdict" / "verdict.json")
+    verdict = c.read_json(run_dir / "deploy" / "verdict" / "verdict.json")
+    assert f"gate (800 users): {'PROMOTE' if verdict['promote'] else 'hold'}" in result.stdout
+    return verdict
 
 
-@pytest.mark.timeout(900)
-def test_gate_over_three_runs_then_rollback_and_history(tmp_path: Path, beauty_slice: Path,
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def champion() -> str:
+    return str(registry.version_for(NAME, "champion").version)
+
+
+@pytest.mark.timeout(1200)
+def test_gate_over_four_runs_then_rollback_and_history(tmp_path: Path, beauty_slice: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    # run 1: no champion yet, so the first-run setting (promote) makes v1 champion
-    v1 = pipeline_run(tmp_path, beauty_slice, "--e4srec-lr", "3e-3", "--e4srec-max-examples", "1000")
-    assert (v1["challenger_version"], v1["promote"], v1["champion_version"]) == ("1", True, None)
-    assert str(registry.version_for(NAME, "champion").version) == "1"
-    # run 2: a model barely trained (learning rate 1e-7) is worse and must not move the champion
-    v2 = pipeline_run(tmp_path, beauty_slice, "--e4srec-lr", "1e-7", "--e4srec-max-examples", "64")
-    assert v2["challenger_value"] < v2["champion_value"] == v1["challenger_value"], v2
-    assert not v2["promote"] and str(registry.version_for(NAME, "champion").version) == "1"
-    assert str(registry.version_for(NAME, "challenger").version) == "2"
-    # run 3: trained on every example for 3 epochs, it beats the champion and takes its place
-    v3 = pipeline_run(tmp_path, beauty_slice, "--e4srec-lr", "5e-3", "--e4srec-epochs", "3")
-    assert v3["challenger_value"] > v3["champion_value"] and v3["promote"], v3
-    assert str(registry.version_for(NAME, "champion").version) == "3"
+    # run 1: a barely trained E4SRec loses to its own SASRec; with no champion yet, SASRec becomes champion
+    r1 = pipeline_run(tmp_path, beauty_slice, *WEAK)
+    sasrec_score = r1["scores"]["sasrec"]
+    assert r1["scores"]["e4srec"] < sasrec_score and r1["candidate"] == "sasrec" and r1["promote"], r1
+    assert r1["versions"] == {"e4srec": "1", "sasrec": "2"} and champion() == "2"
+    assert "E4SRec does not beat its SASRec" in r1["reason"] and "no champion yet" in r1["reason"]
+    # run 2, better: a trained E4SRec beats its SASRec (the same, retrained with the same seed) and the champion
+    r2 = pipeline_run(tmp_path, beauty_slice, *STRONG)
+    assert r2["scores"]["sasrec"] == r2["champion_value"] == sasrec_score, r2
+    assert r2["scores"]["e4srec"] > sasrec_score and r2["candidate"] == "e4srec" and r2["promote"], r2
+    assert r2["champion_kind"] == "sasrec" and champion() == "3"
+    for needle in (f"E4SRec {r2['scores']['e4srec']:.5f}", f"SASRec {sasrec_score:.5f}",
+                   f"champion v2 (SASRec) {sasrec_score:.5f}", "beats the champion"):
+        assert needle in r2["reason"], r2["reason"]
+    # run 3, worse: weak again; its candidate (SASRec) does not beat the E4SRec champion
+    r3 = pipeline_run(tmp_path, beauty_slice, *WEAK)
+    assert r3["candidate"] == "sasrec" and not r3["promote"] and r3["champion_value"] == r2["scores"]["e4srec"], r3
+    assert champion() == "3" and str(registry.version_for(NAME, "challenger").version) == "6"
+    # run 4, equal: run 2 again (same seed, same settings) scores exactly the champion's value: equal does not beat
+    r4 = pipeline_run(tmp_path, beauty_slice, *STRONG)
+    assert r4["scores"]["e4srec"] == r4["champion_value"] and not r4["promote"], r4
+    assert "does not beat the champion" in r4["reason"] and champion() == "3"
 
     rolled = e4srec("promote", NAME, "--rollback")
     assert rolled.returncode == 0, rolled.stderr
-    assert "champion: version 3 -> 1  (rollback from version 3" in rolled.stdout
-    assert str(registry.version_for(NAME, "champion").version) == "1"
+    assert "champion: version 3 -> 2  (rollback from version 3" in rolled.stdout and champion() == "2"
     history = registry.alias_history(NAME, "champion")
-    assert [(m["from"], m["to"]) for m in history] == [(None, "1"), ("1", "3"), ("3", "1")]
+    assert [(m["from"], m["to"], m["forced"]) for m in history] == [(None, "2", False), ("2", "3", False),
+                                                                    ("3", "2", False)]
     assert all(m["who"] and m["when"] and m["reason"] for m in history)
-    assert history[1]["metrics"]["test/sampled/NDCG@10"] == pytest.approx(v3["challenger_value"])
+    assert history[1]["metrics"][METRIC] == pytest.approx(r2["scores"]["e4srec"])
+    challengers = [m["to"] for m in registry.alias_history(NAME, "challenger")]
+    assert challengers == ["2", "3", "6", "7"]
     listed = e4srec("promote", NAME, "--history")
-    assert listed.returncode == 0 and len(listed.stdout.strip().splitlines()) == 6  # 3 challenger + 3 champion
+    assert listed.returncode == 0 and len(listed.stdout.strip().splitlines()) == 7  # 4 challenger + 3 champion
+    print(listed.stdout)  # pytest -s shows the alias history
+    kinds = {v.version: v.tags["kind"] for v in registry.client().search_model_versions(f"name = '{NAME}'")}
+    assert {str(k): v for k, v in kinds.items()} == {str(i): ("e4srec" if i % 2 else "sasrec") for i in range(1, 9)}
 
-    # a version trained on another item map: the gate holds, and promote refuses it unless forced
+    # a run trained on another item map: the gate cannot score the champion and holds; promote refuses, --force records
     other = write_slice(DATA / "Beauty.txt", tmp_path / "beauty_300.txt", 300)
     prepare_data.run(prepare_data.PrepareDataConfig(), other, tmp_path / "d300")
     pretrain_sasrec.run(pretrain_sasrec.PretrainSasrecConfig(epochs=1, device="cpu"), tmp_path / "d300",
                         tmp_path / "s300", progress=False)
     stage.run(stage.TrainE4SRecConfig(device="cpu", max_examples=64), tmp_path / "d300", tmp_path / "s300", "tiny",
               tmp_path / "m300", progress=False)
-    held = e4srec("deploy", "--model", tmp_path / "m300", "--data", tmp_path / "d300", "--output",
-                  tmp_path / "dep300", "--registered-model", NAME, "--device", "cpu", "--metric", GATE[1])
-    assert held.returncode == 0 and "verdict: hold: champion version 1 has another item map" in held.stdout
-    refused = e4srec("promote", NAME, "--version", "4")
+    held = e4srec("deploy", "--model", tmp_path / "m300", "--sasrec", tmp_path / "s300", "--data", tmp_path / "d300",
+                  "--output", tmp_path / "dep300", "--registered-model", NAME, "--device", "cpu", "--metric", METRIC)
+    assert held.returncode == 0 and "hold: " in held.stdout and "champion version 2 has another item map" in held.stdout
+    refused = e4srec("promote", NAME, "--version", "9")
     assert refused.returncode == 1 and "another item map" in refused.stderr and "--force" in refused.stderr
-    forced = e4srec("promote", NAME, "--version", "4", "--force")
-    assert forced.returncode == 0 and str(registry.version_for(NAME, "champion").version) == "4"
+    forced = e4srec("promote", NAME, "--version", "9", "--force")
+    assert forced.returncode == 0 and champion() == "9" and "forced: manual promotion" in forced.stdout
+    assert registry.alias_history(NAME, "champion")[-1]["forced"] is True
     missing = e4srec("promote", "no-such-model")
     assert missing.returncode == 1 and "registered model 'no-such-model' not found" in missing.stderr
+
+
+def config(**kw: object) -> deploy.DeployConfig:
+    return deploy.DeployConfig(metric="test/full/HR@10", **kw)
+
+
+@pytest.mark.parametrize(("scores", "champion_", "kw", "expected"), [
+    ({"e4srec": 0.2, "sasrec": 0.1}, None, {}, ("e4srec", True)),
+    ({"e4srec": 0.1, "sasrec": 0.1}, None, {}, ("sasrec", True)),  # a tie goes to the cheaper model
+    ({"e4srec": 0.1, "sasrec": 0.2}, None, {"when_no_champion": "hold"}, ("sasrec", False)),
+    ({"e4srec": 0.3, "sasrec": 0.1}, {"version": "4", "kind": "e4srec", "value": 0.3}, {}, ("e4srec", False)),
+    ({"e4srec": 0.31, "sasrec": 0.1}, {"version": "4", "kind": "e4srec", "value": 0.3}, {}, ("e4srec", True)),
+    ({"e4srec": 0.31, "sasrec": 0.1}, {"version": "4", "kind": "e4srec", "value": 0.3}, {"min_margin": 0.02},
+     ("e4srec", False)),
+    ({"e4srec": 0.1, "sasrec": 0.4}, {"version": "4", "kind": "e4srec", "value": 0.3}, {}, ("sasrec", True)),
+    ({"e4srec": 0.9, "sasrec": 0.1}, {"version": "4", "kind": "sasrec", "value": None}, {}, ("e4srec", False)),
+    ({"e4srec": 0.0, "sasrec": 0.4}, {"version": "4", "kind": "sasrec", "value": 0.5}, {"force_promote": True},
+     ("e4srec", True)),
+])
+def test_decide_never_crowns_a_worse_model(scores: dict, champion_: dict | None, kw: dict, expected: tuple) -> None:
+    decision = deploy.decide(config(**kw), scores, champion_)
+    assert (decision["candidate"], decision["promote"]) == expected, decision
+    assert f"E4SRec {scores['e4srec']:.5f}" in decision["reason"] and f"SASRec {scores['sasrec']:.5f}" in decision["reason"]
+    if champion_ and champion_["value"] is not None:
+        assert f"{champion_['value']:.5f}" in decision["reason"]
+    assert decision["forced"] == bool(kw.get("force_promote"))
+
+
+def test_a_gate_metric_that_does_not_exist_is_refused_before_any_work() -> None:
+    with pytest.raises(E4SRecError, match="metric.*protocol in full/sampled"):
+        deploy.DeployConfig(metric="test/full/NDCG@11")
+
+
+@pytest.fixture(scope="module")
+def e4srec_dir(prepared: Path, sasrec_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("deploy") / "model"
+    stage.run(stage.TrainE4SRecConfig(device="cpu", max_examples=64, eval_users=50), prepared, sasrec_dir, "tiny",
+              out, progress=False)
+    return out
+
+
+@pytest.mark.parametrize("fail_at", ["second registration", "champion move"])
+def test_a_failure_after_registration_leaves_the_registry_as_it_was(
+        fail_at: str, e4srec_dir: Path, sasrec_dir: Path, prepared: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    settings = deploy.DeployConfig(device="cpu", eval_users=50, registered_model="all-or-nothing", force_promote=True)
+    deploy.run_tracked(settings, e4srec_dir, sasrec_dir, prepared, tmp_path / "first")  # versions 1, 2; champion 1
+    before = {a: str(registry.version_for("all-or-nothing", a).version) for a in ("champion", "challenger")}
+    history = registry.alias_history("all-or-nothing")
+
+    real_register, real_move = registry.log_and_register, registry.move_alias
+    calls = []
+
+    def register(*args: object, **kw: object) -> str:
+        calls.append(args)
+        if fail_at == "second registration" and len(calls) == 2:
+            raise RuntimeError("the artifact store went away")
+        return real_register(*args, **kw)
+
+    def move(name: str, alias: str, *args: object, **kw: object) -> dict:
+        if fail_at == "champion move" and alias == "champion":
+            raise RuntimeError("the registry went away")
+        return real_move(name, alias, *args, **kw)
+
+    monkeypatch.setattr(registry, "log_and_register", register)
+    monkeypatch.setattr(registry, "move_alias", move)
+    with pytest.raises(RuntimeError, match="went away"):
+        deploy.run_tracked(settings, e4srec_dir, sasrec_dir, prepared, tmp_path / "second")
+    versions = sorted(int(v.version) for v in registry.client().search_model_versions("name = 'all-or-nothing'"))
+    assert versions == [1, 2]
+    assert {a: str(registry.version_for("all-or-nothing", a).version) for a in before} == before
+    assert registry.alias_history("all-or-nothing") == history
+    assert not (tmp_path / "second").exists() and not list(tmp_path.glob(".second*"))
+
+
+def test_first_registration_failing_leaves_no_registered_model(e4srec_dir: Path, sasrec_dir: Path, prepared: Path,
+                                                               tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    real = registry.log_and_register
+    calls = []
+
+    def register(*args: object, **kw: object) -> str:
+        calls.append(args)
+        if len(calls) == 2:
+            raise RuntimeError("the artifact store went away")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(registry, "log_and_register", register)
+    with pytest.raises(RuntimeError):
+        deploy.run_tracked(deploy.DeployConfig(device="cpu", eval_users=50, registered_model="fresh"), e4srec_dir,
+                           sasrec_dir, prepared, tmp_path / "out")
+    assert registry.client().search_registered_models("name = 'fresh'") == []

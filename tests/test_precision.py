@@ -90,7 +90,7 @@ def test_bf16_recommend_batch_recommend_and_extend(bf16_model: tuple[Path, dict]
     pq.write_table(pa.table({"item_id": ["new-1"], "embedding": [np.full(64, 0.1, np.float32).tolist()]}), new)
     extend_items(out, new, tmp_path / "extended")
     extended = Recommender(tmp_path / "extended")
-    assert next(extended.model.llm.get_base_model().parameters()).dtype == torch.bfloat16
+    assert next(extended.model.module.llm.get_base_model().parameters()).dtype == torch.bfloat16
     (again,) = extended.recommend([history], 5)
     assert len(again.items) == 5 and all(np.isfinite(again.scores))
 
@@ -130,14 +130,14 @@ def test_nan_scores_are_never_recommended(bf16_model: tuple[Path, dict]) -> None
     out, _ = bf16_model
     recommender = Recommender(out, dtype="fp32")
     broken = {3, 5, 8}
-    real = recommender.model.score_all_items
+    real = recommender.model.score
 
-    def with_nan(hist: torch.Tensor, cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
-        s = real(hist, cache)
+    def with_nan(hist: torch.Tensor) -> torch.Tensor:
+        s = real(hist)
         s[:, sorted(broken)] = float("nan")
         return s
 
-    recommender.model.score_all_items = with_nan
+    recommender.model.score = with_nan
     (rec,) = recommender.recommend([[]], 20)
     assert not {recommender.index[i] for i in rec.items} & broken and all(np.isfinite(rec.scores))
     (everything,) = recommender.recommend([[recommender.item_ids[1]]], recommender.n_items)

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
+from e4srec import contracts as c
 from e4srec import storage
 from helpers import e4srec, free_port
 from helpers import mlflow_server as start_mlflow_server
@@ -29,13 +30,15 @@ def test_pipeline_from_s3_with_mlflow_server_artifacts_on_s3(mlflow_server: str,
                     "--sasrec-epochs", "1", "--backbone", "tiny", "--e4srec-max-examples", "64",
                     "--e4srec-eval-users", "50", cwd=tmp_path, env={"MLFLOW_TRACKING_URI": mlflow_server})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "e4srec-beauty_800 version 1 registered" in result.stdout
+    assert "e4srec-beauty_800: E4SRec version 1, SASRec version 2 registered" in result.stdout
+    verdict = c.read_json(next((tmp_path / "runs").glob("e4srec-*/deploy/verdict/verdict.json")))
 
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=mlflow_server, registry_uri=mlflow_server)
     champion = client.get_model_version_by_alias("e4srec-beauty_800", "champion")
-    assert str(champion.version) == "1"  # a str over REST (an int from SQLite): compared as strings
+    # the better of the run's two; a str over REST (an int from SQLite): compared as strings
+    assert str(champion.version) == verdict["challenger_version"] and verdict["promote"]
     stored = storage._keys(BUCKET, "mlflow/")
     assert any(k.endswith("MLmodel") for k in stored) and any(k.endswith("adapter_model.safetensors") for k in stored)
     assert any(k.endswith("report.html") for k in stored)

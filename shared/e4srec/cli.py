@@ -88,19 +88,17 @@ def cmd_extend_items(args: argparse.Namespace) -> int:
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
+    from e4srec import registry
     from e4srec.stages import deploy as stage
 
     config = cfg.from_namespace(stage.DeployConfig, args)
-    _, verdict = stage.run_tracked(config, args.model, args.data, args.output, apply=args.apply,
+    _, verdict = stage.run_tracked(config, args.model, args.sasrec, args.data, args.output, apply=args.apply,
                                    overwrite=args.overwrite, experiment=args.experiment)
-    name, version = verdict["registered_model"], verdict["challenger_version"]
-    print(f"registered {name} version {version} (alias challenger)")
-    print(f"verdict: {'promote' if verdict['promote'] else 'hold'}: {verdict['reason']}")
+    for line in stage.summary(verdict):
+        print(line)
     if verdict["promote"] and args.apply:
-        print(f"champion -> version {version}; serve it with:")
-        from e4srec import registry
-
-        print(f"  {registry.serve_command(name)}")
+        print(f"champion -> version {verdict['challenger_version']}; serve it with:")
+        print(f"  {registry.serve_command(verdict['registered_model'])}")
     return 0
 
 
@@ -123,7 +121,13 @@ def cmd_recommend(args: argparse.Namespace) -> int:
         import mlflow
         import pandas as pd
 
-        frame = mlflow.pyfunc.load_model(str(args.model)).predict(pd.DataFrame({"history": [args.history], "k": [args.k]}))
+        from mlflow.exceptions import MlflowException
+
+        try:
+            model = mlflow.pyfunc.load_model(str(args.model))
+            frame = model.predict(pd.DataFrame({"history": [args.history], "k": [args.k]}))
+        except MlflowException as e:  # an unknown name or alias, a refused request
+            raise E4SRecError(f"{args.model}: {str(e.message).splitlines()[0]}") from None
         row = frame.iloc[0]
         items, scores, unknown = list(row["items"]), list(row["scores"]), list(row["unknown_items"])
     else:
@@ -321,11 +325,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output folder")
     p.set_defaults(func=cmd_extend_items)
 
-    p = sub.add_parser("deploy", help="register the model in MLflow as the challenger and judge it",
-                       description="Log the E4SRec model as an MLflow pyfunc, register a version (alias "
-                                   "challenger), compare it with the champion on the same test users, and (unless "
-                                   "--no-apply) move champion when it wins.")
+    p = sub.add_parser("deploy", help="judge a run's E4SRec and SASRec against the champion; register both",
+                       description="Score the run's E4SRec, its SASRec and the champion on the same test users; the "
+                                   "better of the run's two (alias challenger) becomes champion only if it beats "
+                                   "the champion (unless --no-apply). Both are registered as MLflow pyfuncs under "
+                                   "one name; nothing is registered when a step fails.")
     p.add_argument("--model", required=True, type=str, help="train-e4srec output folder")
+    p.add_argument("--sasrec", required=True, type=str, help="pretrain-sasrec output folder of the same run (the "
+                                                              "baseline E4SRec must beat; registered too)")
     p.add_argument("--data", required=True, type=str, help="prepare-data output folder (the gate's test split)")
     p.add_argument("--output", required=True, type=str, help="output folder for verdict.json")
     cfg.add_arguments(p, DeployConfig)

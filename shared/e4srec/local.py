@@ -88,16 +88,19 @@ def run_local(input_path: Path | str, instructions: Path | str | None, pipeline_
     verdicts = sorted(sasrec.parent.parent.glob("deploy*/verdict/verdict.json"))
     verdict = c.read_json(verdicts[-1]) if verdicts else {}
     if "registered_model" in verdict:  # absent when tracking was off: nothing was registered
-        name = verdict["registered_model"]
-        print(f"Registry:          {name} version {verdict['challenger_version']} registered (alias challenger); "
-              f"gate: {'promote' if verdict['promote'] else 'hold'} ({verdict['reason']})")
-        from e4srec import registry
+        from e4srec import registry, trained
+        from e4srec.stages.deploy import summary
 
+        name = verdict["registered_model"]
+        first, gate = summary(verdict)
+        print(f"Registry:          {first}")
+        print(f"  {gate}")
         champion = registry.version_for(name, registry.CHAMPION)
         if champion is not None:
+            kind = trained.LABELS.get((champion.tags or {}).get("kind", "e4srec"), "?")
             bin_dir = Path(sys.executable).parent  # mlflow starts `uvicorn` by name: the venv must be on PATH
             path = "" if shutil.which("uvicorn") else f"PATH={bin_dir}:$PATH "
-            print(f"  champion:        version {champion.version}; serve it with")
+            print(f"  champion:        version {champion.version} ({kind}); serve it with")
             print(f"    {path}MLFLOW_TRACKING_URI={os.environ['MLFLOW_TRACKING_URI']} {registry.serve_command(name)}")
             print("    curl -s 127.0.0.1:5001/invocations -H 'Content-Type: application/json' "
                   "-d '{\"dataframe_records\": [{\"history\": [\"1\", \"2\"], \"k\": 5}]}'")

@@ -12,10 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 
-from e4srec import contracts as c
 from e4srec.errors import E4SRecError
 from e4srec.evaluate import rank_last_if_not_finite
 
@@ -28,19 +26,19 @@ class Recommendation:
 
 
 class Recommender:
-    """A trained E4SRec plus its item map, scoring with the instruction prefix cached once."""
+    """A trained E4SRec or SASRec plus its item map (an E4SRec scores with its instruction prefix cached once)."""
 
-    def __init__(self, model_dir: Path | str, device: str = "cpu", dtype: str | None = None) -> None:
-        from e4srec.stages import train_e4srec
+    def __init__(self, model_dir: Path | str, device: str = "cpu", dtype: str | None = None,
+                 backbone: str | None = None) -> None:
+        from e4srec import trained
         from e4srec.storage import fetch
 
         self.model_dir = Path(fetch(model_dir))
-        self.model = train_e4srec.load_model(self.model_dir, device, dtype)
+        self.model = trained.load(self.model_dir, device, dtype, backbone)
         self.device = torch.device(device)
-        self.item_ids = ["<pad>"] + [str(x) for x in pq.read_table(self.model_dir / c.ITEM_MAP).column("item_id").to_pylist()]
+        self.item_ids = self.model.item_ids
         self.index = {item: i for i, item in enumerate(self.item_ids) if i}
-        self.max_len = self.model.config.max_len
-        self.cache = self.model.prefix_cache()
+        self.max_len = self.model.max_len
 
     @property
     def n_items(self) -> int:
@@ -55,30 +53,116 @@ class Recommender:
 
     @torch.no_grad()
     def recommend(self, histories: list[list[str]], k: int | list[int], batch_size: int = 64) -> list[Recommendation]:
-        """Top-k per history; `k` per request or one for all."""
+        """Top-k per history, in request order; `k` per request or one for all.
+
+        Histories are scored in batches of similar length (see `length_batches`): a batch is padded to
+        its longest history, and padding costs as much as real items.
+        """
         ks = [k] * len(histories) if isinstance(k, int) else list(k)
         for i, value in enumerate(ks):
             if not isinstance(value, (int, np.integer)) or value < 1:
                 raise E4SRecError(f"request {i}: k={value!r}; k must be a positive integer")
         encoded = [self.encode(list(h)) for h in histories]
-        out: list[Recommendation] = []
-        for s in range(0, len(encoded), batch_size):
-            chunk = encoded[s : s + batch_size]
-            width = max(1, max(len(ix) for ix, _ in chunk))
-            hist = torch.zeros(len(chunk), width, dtype=torch.long)
-            for row, (ix, _) in enumerate(chunk):
-                if ix:
-                    hist[row, -len(ix) :] = torch.tensor(ix)
+        out: list[Recommendation | None] = [None] * len(encoded)
+        for rows in length_batches([len(ix) for ix, _ in encoded], batch_size):
+            width = max(1, max(len(encoded[r][0]) for r in rows))
+            hist = torch.zeros(len(rows), width, dtype=torch.long)
+            for i, r in enumerate(rows):
+                if encoded[r][0]:
+                    hist[i, -len(encoded[r][0]) :] = torch.tensor(encoded[r][0])
             hist = hist.to(self.device)
-            scores = self.model.score_all_items(hist, self.cache).float()  # (B, N+1)
+            scores = self.model.score(hist).float()  # (B, N+1)
             # A broken (NaN, inf) score ranks after every real one but before what is never recommended.
             rank_last_if_not_finite(scores, floor=torch.finfo(scores.dtype).min)
             scores.scatter_(1, hist, float("-inf"))  # never recommend the history (or padding)
             scores[:, 0] = float("-inf")
-            top = min(max(ks[s : s + batch_size]), self.n_items)
+            top = min(max(ks[r] for r in rows), self.n_items)
             values, indices = scores.topk(top, dim=1)
-            for row, (ix, unknown) in enumerate(chunk):
-                kk = min(ks[s + row], self.n_items - len(set(ix)))
-                out.append(Recommendation([self.item_ids[j] for j in indices[row, :kk].tolist()],
-                                          [round(float(v), 6) for v in values[row, :kk].tolist()], unknown))
-        return out
+            for i, r in enumerate(rows):
+                ix, unknown = encoded[r]
+                kk = min(ks[r], self.n_items - len(set(ix)))
+                out[r] = Recommendation([self.item_ids[j] for j in indices[i, :kk].tolist()],
+                                        [round(float(v), 6) for v in values[i, :kk].tolist()], unknown)
+        return out  # type: ignore[return-value]
+
+
+# A forward pass costs about as much as this many more history positions in a batch, whatever its size:
+# it reads every weight once. SmolLM2 E4SRec in bf16 on 2 cores: ~45 ms for one short history, then
+# ~1.6 ms per (user, position) at batch 64 (bench/serving_load.py; numbers in the README).
+FORWARD_COST_POSITIONS = 32
+
+
+def length_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Indices grouped into batches of similar history length, each at most `batch_size`.
+
+    Sorted by length, a history joins the current batch unless widening the batch to it would pad
+    the batch by more than a forward pass costs (`FORWARD_COST_POSITIONS`); then it starts a new one.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    batches: list[list[int]] = []
+    for i in order:
+        if batches and len(batches[-1]) < batch_size:
+            current = batches[-1]
+            width = lengths[current[-1]]  # sorted: the batch's longest so far
+            if len(current) * (lengths[i] - width) <= FORWARD_COST_POSITIONS:
+                current.append(i)
+                continue
+        batches.append([i])
+    return batches
+
+
+class MicroBatcher:
+    """Concurrent callers' requests scored together: what a server under load needs from one model.
+
+    Callers (a server's request threads) hand their histories to `recommend` and wait; one worker
+    thread scores everything that arrived while it was busy as one batch (at most `max_users`), so
+    a lone request waits for nothing and eight concurrent ones share one forward pass instead of
+    contending for the same cores. Each caller's `k` is checked before it joins a batch, so one bad
+    request never fails the others.
+    """
+
+    def __init__(self, recommender: Recommender, max_users: int = 64) -> None:
+        import queue
+        import threading
+
+        self.recommender, self.max_users = recommender, max_users
+        self.pending: queue.Queue = queue.Queue()
+        threading.Thread(target=self._work, name="e4srec-batcher", daemon=True).start()
+
+    def recommend(self, histories: list[list[str]], ks: list[int]) -> list[Recommendation]:
+        from concurrent.futures import Future
+
+        for i, value in enumerate(ks):
+            if not isinstance(value, (int, np.integer)) or value < 1:
+                raise E4SRecError(f"request {i}: k={value!r}; k must be a positive integer")
+        if len(histories) >= self.max_users:  # already a batch of its own
+            return self.recommender.recommend(histories, ks, batch_size=self.max_users)
+        future: Future = Future()
+        self.pending.put((histories, ks, future))
+        return future.result()
+
+    def _work(self) -> None:
+        import queue
+
+        while True:
+            jobs = [self.pending.get()]
+            users = len(jobs[0][0])
+            while users < self.max_users:
+                try:
+                    job = self.pending.get_nowait()
+                except queue.Empty:
+                    break
+                jobs.append(job)
+                users += len(job[0])
+            histories = [h for job in jobs for h in job[0]]
+            ks = [k for job in jobs for k in job[1]]
+            try:
+                results = self.recommender.recommend(histories, ks, batch_size=self.max_users)
+            except BaseException as e:  # noqa: BLE001 (handed to every caller of the batch)
+                for _, _, future in jobs:
+                    future.set_exception(e)
+                continue
+            start = 0
+            for job_histories, _, future in jobs:
+                future.set_result(results[start : start + len(job_histories)])
+                start += len(job_histories)

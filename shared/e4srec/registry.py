@@ -1,8 +1,10 @@
-"""The MLflow model registry side: log an E4SRec pyfunc, register it, move aliases with a history.
+"""The MLflow model registry side: log a recommender as a pyfunc, register it, move aliases with a history.
 
-Aliases: `challenger` is the newest registered version; `champion` is what serving reads
-(`models:/NAME@champion`). Every alias move writes a model-version tag `e4srec.alias_move.<ms>` on
-the version it points to, holding who, when, from which version, why and the metrics, so
+One registered model per dataset holds both kinds (tag `kind`: e4srec or sasrec) behind one pyfunc
+interface: "the recommender for this dataset". Aliases: `challenger` is the latest deploy's candidate
+(the better of its run's E4SRec and SASRec); `champion` is what serving reads (`models:/NAME@champion`).
+Every alias move writes a model-version tag `e4srec.alias_move.<ms>` on the version it points to,
+holding who, when, from which version, why, the metrics and whether it was forced, so
 `alias_history(NAME)` can read every move back. Alias versions come back as int from SQLite and as
 str over REST: they are compared as strings.
 """
@@ -44,11 +46,23 @@ def default_name(data_manifest: dict[str, Any]) -> str:
     return "e4srec-" + "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in stem)
 
 
-def _requirements() -> list[str]:
+# What the served model imports, by kind; mlflow adds itself. Versions are the installed ones without
+# local labels (torch 2.13.0+cpu -> 2.13.0), so a fresh environment installs them from the public index.
+REQUIREMENTS = {"sasrec": ("torch", "safetensors", "pyarrow", "pandas", "numpy", "tqdm"),
+                "e4srec": ("torch", "safetensors", "pyarrow", "pandas", "numpy", "tqdm", "transformers", "tokenizers",
+                           "peft", "accelerate", "gguf")}
+# Backbones up to this size travel with the registered model; larger ones are a reference with a hash.
+LOG_BACKBONE_MAX_MB = int(os.environ.get("E4SREC_LOG_BACKBONE_MAX_MB", "2048"))
+
+
+def requirements(kind: str) -> list[str]:
+    """`package==version` lines a fresh environment installs from the public index."""
+    from packaging.version import Version
+
     out = []
-    for package in ("torch", "transformers", "peft", "safetensors", "pyarrow", "pandas", "numpy", "gguf", "e4srec"):
+    for package in REQUIREMENTS[kind]:
         try:
-            out.append(f"{package}=={version(package)}")
+            out.append(f"{package}=={Version(version(package)).public}")
         except PackageNotFoundError:
             pass
     return out
@@ -66,17 +80,82 @@ def signature() -> Any:
     )
 
 
+def _size_mb(path: Path) -> float:
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    return sum(f.stat().st_size for f in files) / 2**20
+
+
+def _backbone(model_dir: Path, scratch: Path) -> dict[str, str]:
+    """Artifacts that make an E4SRec folder servable on a machine without its backbone.
+
+    The backbone's weights (a GGUF file or a model folder) are logged beside the folder when they are at
+    most LOG_BACKBONE_MAX_MB, and the served model loads them from there; a larger local backbone is
+    recorded by spec and SHA-256 in `backbone_reference.json`, which the served model checks before
+    loading; a hub id needs nothing (the serving machine downloads it or has it cached).
+    """
+    from e4srec import backbones
+    from e4srec.stages import train_e4srec
+
+    llm = c.read_json(model_dir / train_e4srec.CONFIG)["llm"]
+    source = backbones.weights_source(llm["backbone"], llm.get("local_files_only", True))
+    if source is None:
+        return {}
+    path = source[1]
+    if _size_mb(path) <= LOG_BACKBONE_MAX_MB:
+        return {"backbone": str(path)}
+    reference = scratch / "backbone_reference.json"
+    c.write_json(reference, {"backbone": llm["backbone"], "sha256": backbones.weights_sha256(path)})
+    return {"backbone_reference": str(reference)}
+
+
+def backbone_spec(artifacts: dict[str, str]) -> str | None:
+    """The spec that loads a logged backbone ({artifact name: local path}): gguf:FILE or hf:FOLDER."""
+    path = artifacts.get("backbone")
+    if not path:
+        return None
+    return f"{'hf' if Path(path).is_dir() else 'gguf'}:{path}"
+
+
 def log_and_register(model_dir: Path, name: str, example_history: list[str], tags: dict[str, str]) -> str:
-    """Log the model folder as a pyfunc (models-from-code) in the active run and register a version."""
+    """Log a model folder (E4SRec or SASRec) as a pyfunc in the active run and register a version of `name`.
+
+    The project's code travels as `code_paths`, the requirements are public releases, and an E4SRec
+    carries its backbone (see `_backbone`): the model serves from a fresh environment anywhere.
+    """
+    import tempfile
+
     import mlflow
     import pandas as pd
 
-    info = mlflow.pyfunc.log_model(
-        name="model", python_model=str(PYFUNC_CODE), artifacts={"e4srec": str(model_dir)},
-        signature=signature(), input_example=pd.DataFrame({"history": [example_history], "k": [10]}),
-        pip_requirements=_requirements(), registered_model_name=name, tags=tags,
-    )
+    import e4srec
+    from e4srec import trained
+
+    kind = trained.kind_of(model_dir)
+    with tempfile.TemporaryDirectory() as scratch:
+        artifacts = {"model": str(model_dir)} | (_backbone(model_dir, Path(scratch)) if kind == "e4srec" else {})
+        info = mlflow.pyfunc.log_model(
+            name=f"model-{kind}", python_model=str(PYFUNC_CODE), artifacts=artifacts,
+            code_paths=[str(Path(e4srec.__file__).parent)], signature=signature(),
+            input_example=pd.DataFrame({"history": [example_history], "k": [10]}), pip_requirements=requirements(kind),
+            registered_model_name=name, tags=tags | {"kind": kind},
+        )
     return str(info.registered_model_version)
+
+
+def download(name: str, alias: str) -> tuple[Path, str | None]:
+    """Fetch `models:/NAME@ALIAS`: (the logged model folder, the backbone spec that loads its logged copy)."""
+    import mlflow
+
+    uri = f"models:/{name}@{alias}"
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+    except Exception as e:  # noqa: BLE001 (MlflowException, or the artifact store's own errors)
+        raise E4SRecError(f"{uri}: cannot download ({str(e).splitlines()[0][:200]})") from None
+    flavor = mlflow.models.Model.load(str(local / "MLmodel")).flavors["python_function"]
+    artifacts = {k: str(local / v["path"]) for k, v in flavor.get("artifacts", {}).items()}
+    folder = Path(artifacts.get("model") or artifacts["e4srec"])  # "e4srec": versions logged before SASRec was
+    backbone = backbone_spec(artifacts)
+    return folder, backbone
 
 
 def version_for(name: str, alias: str) -> Any | None:
@@ -89,16 +168,30 @@ def version_for(name: str, alias: str) -> Any | None:
         return None
 
 
-def move_alias(name: str, alias: str, to_version: str, reason: str, metrics: dict[str, float] | None = None) -> dict:
-    """Point `alias` at `to_version` and record the move on that version."""
+def move_alias(name: str, alias: str, to_version: str, reason: str, metrics: dict[str, float] | None = None, *,
+               forced: bool = False) -> dict:
+    """Point `alias` at `to_version` and record the move on that version (`forced`: against or without the gate)."""
     mc = client()
     previous = version_for(name, alias)
     mc.set_registered_model_alias(name, alias, str(to_version))
     move = {"alias": alias, "to": str(to_version), "from": str(previous.version) if previous else None,
             "who": os.environ.get("E4SREC_ACTOR") or getpass.getuser(), "when": time.time(), "reason": reason,
-            "metrics": metrics or {}}
+            "metrics": metrics or {}, "forced": forced}
     mc.set_model_version_tag(name, str(to_version), f"{MOVE_TAG}{int(move['when'] * 1000)}", json.dumps(move))
     return move
+
+
+def restore_aliases(name: str, aliases: dict[str, str | None]) -> None:
+    """Put aliases back where they were ({alias: version or None}); no history is written (nothing moved)."""
+    mc = client()
+    for alias, version_ in aliases.items():
+        if version_ is None:
+            try:
+                mc.delete_registered_model_alias(name, alias)
+            except Exception:  # noqa: BLE001 (already absent)
+                pass
+        else:
+            mc.set_registered_model_alias(name, alias, str(version_))
 
 
 def alias_history(name: str, alias: str | None = None) -> list[dict]:
@@ -145,16 +238,12 @@ def promote(name: str, *, to_version: str | None = None, rollback: bool = False,
     if current is not None and not force and item_map_of(name, target) != item_map_of(name, str(current.version)):
         raise E4SRecError(f"{name}: version {target} was trained on another item map than champion version "
                           f"{current.version}; clients' item ids may not carry over. Pass --force to promote anyway")
-    return move_alias(name, CHAMPION, target, reason)
+    return move_alias(name, CHAMPION, target, reason, forced=force)
 
 
 def describe(move: dict) -> str:
     """One line for a move."""
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(move["when"]))
-    return (f"{move['alias']}: version {move['from'] or '-'} -> {move['to']}  ({move['reason']}; {move['who']}, "
+    forced = "forced: " if move.get("forced") and not move["reason"].startswith("forced") else ""
+    return (f"{move['alias']}: version {move['from'] or '-'} -> {move['to']}  ({forced}{move['reason']}; {move['who']}, "
             f"{when})")
-
-
-def write_history(path: Path, name: str) -> None:
-    """The alias history as JSON (for reports)."""
-    c.write_json(path, alias_history(name))

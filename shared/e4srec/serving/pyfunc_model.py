@@ -2,8 +2,9 @@
 
 Input (DataFrame records): `history` (list of original item ids, oldest first) and `k` (int).
 Output, one row per request: `items` (top-k original ids, best first), `scores`, `unknown_items`
-(ids the model does not know; they were dropped). A malformed request is an MLflow BAD_REQUEST error,
-which the scoring server answers with HTTP 400.
+(ids the model does not know; they were dropped). A malformed or oversized request (more than
+MAX_RECORDS users, a history over MAX_HISTORY items) is an MLflow BAD_REQUEST error, which the
+scoring server answers with HTTP 400 and a one-line message. The same file serves E4SRec and SASRec.
 """
 
 import mlflow
@@ -11,32 +12,70 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import BAD_REQUEST
 
+class RequestError(MlflowException):
+    """A refused request: HTTP 400 whose message is the one-line reason.
+
+    MLflow's scoring server rewrites the message of any MlflowException a model raises to
+    "Failed to predict data '<the whole request as a table>'. Error: <reason>", several lines long
+    for any request; this exception keeps the reason alone (the server still logs the request).
+    """
+
+    def __init__(self, reason: str) -> None:
+        self._reason = reason
+        super().__init__(reason, error_code=BAD_REQUEST)
+
+    @property
+    def message(self) -> str:
+        return self._reason
+
+    @message.setter
+    def message(self, value: str) -> None:  # the server's rewrite; the reason stays
+        pass
+
+
+MAX_RECORDS = 1024  # users per request: a bigger batch belongs to batch-recommend
+MAX_HISTORY = 10_000  # items per history: the model reads only its last max_len
+
 
 class E4SRecPyfunc(mlflow.pyfunc.PythonModel):
-    """Loads the E4SRec folder from the model's artifacts; the backbone comes from its recorded spec."""
+    """Serves the model folder in the artifacts (E4SRec or SASRec); an E4SRec's backbone comes from the
+    artifacts when it was logged, else from its recorded spec (checked against the recorded SHA-256)."""
 
     def load_context(self, context):  # noqa: ANN001, ANN201
-        from e4srec.recommend import Recommender
+        from e4srec import contracts, registry
+        from e4srec.recommend import MicroBatcher, Recommender
 
-        self.recommender = Recommender(context.artifacts["e4srec"])
+        artifacts = context.artifacts
+        if "backbone_reference" in artifacts:
+            from e4srec.backbones import check_weights
+
+            reference = contracts.read_json(artifacts["backbone_reference"])
+            check_weights(reference["backbone"], reference["sha256"])
+        folder = artifacts.get("model") or artifacts["e4srec"]  # "e4srec": versions logged before SASRec was
+        self.recommender = Recommender(folder, backbone=registry.backbone_spec(artifacts))
+        self.batcher = MicroBatcher(self.recommender)  # the server calls predict from several threads at once
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:  # noqa: ANN001
         from e4srec.errors import E4SRecError
 
         if not isinstance(model_input, pd.DataFrame) or "history" not in model_input.columns:
-            raise MlflowException("request needs a 'history' field: a list of item ids", error_code=BAD_REQUEST)
+            raise RequestError("request needs a 'history' field: a list of item ids")
+        if len(model_input) > MAX_RECORDS:
+            raise RequestError(f"request has {len(model_input)} records; at most {MAX_RECORDS} per request: split it")
         histories = []
         for i, value in enumerate(model_input["history"].tolist()):
             if value is None or isinstance(value, str) or not hasattr(value, "__iter__"):
-                raise MlflowException(f"request {i}: 'history' must be a list of item ids, got {value!r}",
-                                      error_code=BAD_REQUEST)
+                raise RequestError(f"request {i}: 'history' must be a list of item ids, got {value!r:.80}")
+            if len(value) > MAX_HISTORY:
+                raise RequestError(f"request {i}: history of {len(value)} items; at most {MAX_HISTORY} (the model "
+                                   f"reads the last {self.recommender.max_len})")
             histories.append([str(x) for x in value])
         ks = model_input["k"].tolist() if "k" in model_input.columns else [10] * len(histories)
         try:
             ks = [int(k) for k in ks]
-            results = self.recommender.recommend(histories, ks)
+            results = self.batcher.recommend(histories, ks)
         except (E4SRecError, TypeError, ValueError) as e:
-            raise MlflowException(str(e), error_code=BAD_REQUEST) from None
+            raise RequestError(str(e).splitlines()[0]) from None
         return pd.DataFrame({"items": [r.items for r in results], "scores": [r.scores for r in results],
                              "unknown_items": [r.unknown_items for r in results]})
 

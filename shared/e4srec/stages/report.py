@@ -99,6 +99,22 @@ def _by_length(groups: dict[str, dict[str, dict[str, float]]], metric: str = "ND
     return fig
 
 
+def _gate_table(verdict: dict) -> str:
+    """The three scores the gate compared, on the same users, with the registered versions."""
+    from e4srec.trained import LABELS
+
+    rows = [(f"this run's {LABELS[kind]}", verdict["versions"].get(kind, ""), verdict["scores"][kind])
+            for kind in ("e4srec", "sasrec") if kind in verdict.get("scores", {})]
+    if verdict.get("champion_version"):
+        value = verdict.get("champion_value")
+        rows.append((f"champion before this run ({LABELS.get(verdict.get('champion_kind') or '', '?')})",
+                     verdict["champion_version"], value))
+    body = "".join(f"<tr><td>{html.escape(who)}</td><td>{html.escape(str(v))}</td>"
+                   f"<td>{'not comparable' if x is None else f'{x:.5f}'}</td></tr>" for who, v, x in rows)
+    return (f"<table><tr><th>model</th><th>version</th><th>{html.escape(verdict['metric'])} on "
+            f"{int(verdict['users']):,} users</th></tr>{body}</table>")
+
+
 def run(data_dir: Path | str, sasrec_dir: Path | str, e4srec_dir: Path | str, output: Path | str, *,
         verdict_dir: Path | str | None = None, overwrite: bool = False, tracker: Tracker | None = None,
         title: str = "") -> dict[str, float]:
@@ -152,6 +168,7 @@ def run(data_dir: Path | str, sasrec_dir: Path | str, e4srec_dir: Path | str, ou
                 moves = f"<tr><td>alias history unavailable: {html.escape(str(e))}</td></tr>"
             sections.append(
                 f"<h2>Deploy</h2><p class='verdict {cls}'><b>{cls}</b>: {html.escape(verdict['reason'])}</p>"
+                f"{_gate_table(verdict)}"
                 f"<p>{html.escape(verdict['registered_model'])} version {verdict['challenger_version']} "
                 f"(alias challenger). Serve the champion: "
                 f"<code>{html.escape(registry.serve_command(verdict['registered_model']))}</code></p>"

@@ -18,6 +18,7 @@ single-process ones.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -35,7 +36,7 @@ from safetensors.torch import load_file, save_file
 
 from e4srec import config as cfg
 from e4srec import contracts as c
-from e4srec.backbones import Backbone, BackboneOptions, load_backbone, parse_spec
+from e4srec.backbones import Backbone, BackboneOptions, fingerprint, load_backbone, parse_spec
 from e4srec.data import seeded_subset
 from e4srec.device import resolve_device
 from e4srec.e4srec import E4SRec, E4SRecConfig
@@ -53,6 +54,7 @@ ADAPTER = "adapter"
 HEAD = "head_proj.safetensors"
 CONFIG = "config.json"
 INSTRUCT_ADAPTER = "instruct_adapter"
+LLM_FIELDS = ("backbone", "dtype", "quantization", "local_files_only")  # config.json "llm": BackboneOptions
 
 
 @dataclass
@@ -148,7 +150,7 @@ def load_llm(llm: str | Path, device: torch.device, dtype: str = "auto"
         raise E4SRecError(f"{path}: no {instruction_tune.DESCRIPTOR}; pass an instruction-tune output or a backbone spec")
     parse_spec(str(llm))  # a spec, or the one-line error with the registered names
     options = BackboneOptions(backbone=str(llm), dtype=dtype)
-    descriptor = {k: getattr(options, k) for k in ("backbone", "dtype", "quantization", "local_files_only")}
+    descriptor = {k: getattr(options, k) for k in LLM_FIELDS}
     return load_backbone(options, device), descriptor, None
 
 
@@ -428,7 +430,7 @@ def save_model(out: Path, model: E4SRec, config: TrainE4SRecConfig, descriptor: 
     shutil.copyfile(data.root / c.ITEM_MAP, out / c.ITEM_MAP)
     if instruct_adapter is not None:
         shutil.copytree(instruct_adapter, out / INSTRUCT_ADAPTER)
-    llm = {k: descriptor[k] for k in ("backbone", "dtype", "quantization", "local_files_only")}
+    llm = {k: descriptor[k] for k in LLM_FIELDS} | {"fingerprint": fingerprint(model.llm.get_base_model().config)}
     c.write_json(out / CONFIG, {
         "stage": STAGE, "model": model.config.to_dict(), "train": cfg.to_dict(config), "llm": llm,
         "instruct_adapter": INSTRUCT_ADAPTER if instruct_adapter is not None else None,
@@ -438,18 +440,30 @@ def save_model(out: Path, model: E4SRec, config: TrainE4SRecConfig, descriptor: 
     })
 
 
-def load_model(model_dir: Path | str, device: torch.device | str = "cpu", dtype: str | None = None) -> E4SRec:
+def load_model(model_dir: Path | str, device: torch.device | str = "cpu", dtype: str | None = None,
+               backbone: str | None = None) -> E4SRec:
     """Rebuild a trained E4SRec from its folder: backbone by spec, then the saved trainable weights.
 
     `dtype` replaces the recorded backbone precision (e.g. fp32 on a CPU without bf16 units); the
-    trained weights are fp32 whatever the precision they were trained in.
+    trained weights are fp32 whatever the precision they were trained in. `backbone` replaces the
+    recorded spec with another source of the same weights (a registered model's logged copy); its
+    architecture must match the recorded fingerprint.
     """
     from peft import set_peft_model_state_dict
 
     model_dir = Path(fetch(model_dir))
     meta = c.read_json(model_dir / CONFIG)
     device = torch.device(device)
-    backbone = load_backbone(BackboneOptions(**(meta["llm"] | ({"dtype": dtype} if dtype else {}))), device)
+    options = {k: meta["llm"][k] for k in LLM_FIELDS}
+    overrides = ({"dtype": dtype} if dtype else {}) | ({"backbone": backbone} if backbone else {})
+    loaded = load_backbone(BackboneOptions(**(options | overrides)), device)
+    if backbone:  # another copy of the recorded backbone: it must be the same architecture, and keeps its name
+        recorded = meta["llm"].get("fingerprint")
+        if recorded and loaded.fingerprint != recorded:
+            raise E4SRecError(f"{model_dir / CONFIG}: backbone {backbone} has architecture {loaded.fingerprint}, "
+                              f"the model was trained on {recorded}; serve it with the backbone it was trained on")
+        loaded = dataclasses.replace(loaded, spec=options["backbone"])
+    backbone = loaded
     if meta.get("instruct_adapter"):
         backbone = instruction_tune.apply_adapter(backbone, model_dir / meta["instruct_adapter"],
                                                   merge=meta["llm"]["quantization"] == "none")

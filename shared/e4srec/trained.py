@@ -1,0 +1,74 @@
+"""A trained recommender folder of either kind (E4SRec or SASRec) behind one scoring interface.
+
+The evaluator, the deploy gate, `recommend`, `batch-recommend` and the served pyfunc all take a
+model folder and need the same four things from it: its kind, its item map, its history length and
+`score(histories) -> (B, N+1)` on left-padded item indices. The folder's config.json says which
+stage wrote it; this module is the one place that turns that into a loaded model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import torch
+
+from e4srec import contracts as c
+from e4srec.errors import E4SRecError
+
+CONFIG = "config.json"
+KINDS = {"train-e4srec": "e4srec", "pretrain-sasrec": "sasrec"}
+LABELS = {"e4srec": "E4SRec", "sasrec": "SASRec"}
+
+
+@dataclass
+class TrainedModel:
+    kind: str  # e4srec or sasrec
+    folder: Path
+    item_ids: list[str]  # original ids; index 0 is padding
+    max_len: int
+    item_map_sha256: str
+    score: Callable[[torch.Tensor], torch.Tensor]  # left-padded (B, T) item indices -> (B, N+1)
+    module: torch.nn.Module  # the loaded E4SRec or SASRec
+
+
+def kind_of(folder: Path | str) -> str:
+    """`e4srec` or `sasrec`, from the folder's config.json; anything else is a one-line error."""
+    path = Path(folder) / CONFIG
+    if not path.is_file():
+        raise E4SRecError(f"{path}: file not found; pass a train-e4srec or pretrain-sasrec output folder")
+    stage = c.read_json(path).get("stage")
+    if stage not in KINDS:
+        raise E4SRecError(f"{path}: stage {stage!r} is not a recommender; pass a train-e4srec or pretrain-sasrec "
+                          f"output folder")
+    return KINDS[stage]
+
+
+def load(folder: Path | str, device: torch.device | str = "cpu", dtype: str | None = None,
+         backbone: str | None = None) -> TrainedModel:
+    """Load a model folder for scoring; `dtype` and `backbone` (a spec) replace an E4SRec's recorded ones."""
+    folder = Path(folder)
+    kind = kind_of(folder)
+    meta = c.read_json(folder / CONFIG)
+    device = torch.device(device)
+    if kind == "e4srec":
+        from e4srec.stages import train_e4srec
+
+        model = train_e4srec.load_model(folder, device, dtype, backbone=backbone)
+        cache = model.prefix_cache()
+        max_len = model.config.max_len
+
+        def score(histories: torch.Tensor) -> torch.Tensor:
+            return model.score_all_items(histories, cache)
+    else:
+        if dtype or backbone:
+            raise E4SRecError(f"{folder}: a SASRec model has no backbone; --dtype and a backbone apply to E4SRec")
+        from e4srec.stages import pretrain_sasrec
+
+        sasrec = pretrain_sasrec.load_model(folder).to(device)
+        max_len = sasrec.config.max_len
+        score, model = sasrec.score_all_items, sasrec
+    ids = ["<pad>"] + [str(x) for x in pq.read_table(folder / c.ITEM_MAP).column("item_id").to_pylist()]
+    return TrainedModel(kind, folder, ids, int(max_len), str(meta.get("item_map_sha256", "")), score, model)

@@ -18,7 +18,7 @@ NAME = "e4srec-beauty_800"
 # the sampled protocol separates these runs.
 METRIC = "test/sampled/NDCG@10"
 GATE = ("--gate-metric", METRIC)
-WEAK = ("--e4srec-lr", "1e-7", "--e4srec-max-examples", "64")  # barely trained: loses to its own SASRec
+WEAK = ("--e4srec-lr", "1e-7", "--e4srec-max-examples", "64")  # barely trained: scores close to its own SASRec
 STRONG = ("--e4srec-lr", "5e-3", "--e4srec-epochs", "3")  # beats its SASRec on the slice
 
 
@@ -41,39 +41,44 @@ def champion() -> str:
 def test_gate_over_four_runs_then_rollback_and_history(tmp_path: Path, beauty_slice: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    # run 1: a barely trained E4SRec loses to its own SASRec; with no champion yet, SASRec becomes champion
+    # run 1: with no champion yet, the better of the run's two becomes champion. A barely trained E4SRec starts
+    # close to its SASRec (its item head starts from the SASRec table): the two score close, and on this
+    # machine SASRec wins (0.0498 against 0.0491), so which one wins is read, not assumed.
     r1 = pipeline_run(tmp_path, beauty_slice, *WEAK)
-    sasrec_score = r1["scores"]["sasrec"]
-    assert r1["scores"]["e4srec"] < sasrec_score and r1["candidate"] == "sasrec" and r1["promote"], r1
-    assert r1["versions"] == {"e4srec": "1", "sasrec": "2"} and champion() == "2"
-    assert "E4SRec does not beat its SASRec" in r1["reason"] and "no champion yet" in r1["reason"]
+    first = "e4srec" if r1["scores"]["e4srec"] > r1["scores"]["sasrec"] else "sasrec"
+    assert r1["versions"] == {"e4srec": "1", "sasrec": "2"} and r1["candidate"] == first and r1["promote"], r1
+    assert champion() == r1["versions"][first] and "no champion yet" in r1["reason"]
+    assert ("E4SRec beats its SASRec" if first == "e4srec" else "E4SRec does not beat its SASRec") in r1["reason"]
+    best = r1["scores"][first]
+    label = {"e4srec": "E4SRec", "sasrec": "SASRec"}[first]
     # run 2, better: a trained E4SRec beats its SASRec (the same, retrained with the same seed) and the champion
     r2 = pipeline_run(tmp_path, beauty_slice, *STRONG)
-    assert r2["scores"]["sasrec"] == r2["champion_value"] == sasrec_score, r2
-    assert r2["scores"]["e4srec"] > sasrec_score and r2["candidate"] == "e4srec" and r2["promote"], r2
-    assert r2["champion_kind"] == "sasrec" and champion() == "3"
-    for needle in (f"E4SRec {r2['scores']['e4srec']:.5f}", f"SASRec {sasrec_score:.5f}",
-                   f"champion v2 (SASRec) {sasrec_score:.5f}", "beats the champion"):
+    assert r2["scores"]["sasrec"] == r1["scores"]["sasrec"] and r2["champion_value"] == best, r2
+    assert r2["scores"]["e4srec"] > best and r2["candidate"] == "e4srec" and r2["promote"], r2
+    assert r2["champion_kind"] == first and champion() == "3"
+    for needle in (f"E4SRec {r2['scores']['e4srec']:.5f}", f"SASRec {r2['scores']['sasrec']:.5f}",
+                   f"champion v{r1['versions'][first]} ({label}) {best:.5f}", "E4SRec beats the champion"):
         assert needle in r2["reason"], r2["reason"]
-    # run 3, worse: weak again; its candidate (SASRec) does not beat the E4SRec champion
+    # run 3, worse: weak again; its candidate does not beat the E4SRec champion
     r3 = pipeline_run(tmp_path, beauty_slice, *WEAK)
-    assert r3["candidate"] == "sasrec" and not r3["promote"] and r3["champion_value"] == r2["scores"]["e4srec"], r3
-    assert champion() == "3" and str(registry.version_for(NAME, "challenger").version) == "6"
+    assert r3["scores"] == r1["scores"] and r3["champion_value"] == r2["scores"]["e4srec"] and not r3["promote"], r3
+    assert champion() == "3" and str(registry.version_for(NAME, "challenger").version) == r3["challenger_version"]
     # run 4, equal: run 2 again (same seed, same settings) scores exactly the champion's value: equal does not beat
     r4 = pipeline_run(tmp_path, beauty_slice, *STRONG)
     assert r4["scores"]["e4srec"] == r4["champion_value"] and not r4["promote"], r4
-    assert "does not beat the champion" in r4["reason"] and champion() == "3"
+    assert "E4SRec does not beat the champion" in r4["reason"] and champion() == "3"
 
     rolled = e4srec("promote", NAME, "--rollback")
     assert rolled.returncode == 0, rolled.stderr
-    assert "champion: version 3 -> 2  (rollback from version 3" in rolled.stdout and champion() == "2"
+    was = r1["versions"][first]
+    assert f"champion: version 3 -> {was}  (rollback from version 3" in rolled.stdout and champion() == was
     history = registry.alias_history(NAME, "champion")
-    assert [(m["from"], m["to"], m["forced"]) for m in history] == [(None, "2", False), ("2", "3", False),
-                                                                    ("3", "2", False)]
+    assert [(m["from"], m["to"], m["forced"]) for m in history] == [(None, was, False), (was, "3", False),
+                                                                    ("3", was, False)]
     assert all(m["who"] and m["when"] and m["reason"] for m in history)
     assert history[1]["metrics"][METRIC] == pytest.approx(r2["scores"]["e4srec"])
     challengers = [m["to"] for m in registry.alias_history(NAME, "challenger")]
-    assert challengers == ["2", "3", "6", "7"]
+    assert challengers == [was, "3", r3["challenger_version"], "7"]
     listed = e4srec("promote", NAME, "--history")
     assert listed.returncode == 0 and len(listed.stdout.strip().splitlines()) == 7  # 4 challenger + 3 champion
     print(listed.stdout)  # pytest -s shows the alias history
@@ -89,7 +94,7 @@ def test_gate_over_four_runs_then_rollback_and_history(tmp_path: Path, beauty_sl
               tmp_path / "m300", progress=False)
     held = e4srec("deploy", "--model", tmp_path / "m300", "--sasrec", tmp_path / "s300", "--data", tmp_path / "d300",
                   "--output", tmp_path / "dep300", "--registered-model", NAME, "--device", "cpu", "--metric", METRIC)
-    assert held.returncode == 0 and "hold: " in held.stdout and "champion version 2 has another item map" in held.stdout
+    assert held.returncode == 0 and "hold: " in held.stdout and f"champion version {was} has another item map" in held.stdout
     refused = e4srec("promote", NAME, "--version", "9")
     assert refused.returncode == 1 and "another item map" in refused.stderr and "--force" in refused.stderr
     forced = e4srec("promote", NAME, "--version", "9", "--force")

@@ -1,0 +1,74 @@
+"""The served model's request batcher in-process: N threads of single-user requests, with and without lingering.
+
+    python bench/serving_batcher.py --model <train-e4srec output> --data <its prepare-data output> \\
+        --clients 8 --users 200 --linger-ms 15
+
+`MicroBatcher` (what the served pyfunc uses) scores whatever arrived while the previous batch ran;
+the lingering variant here also waits up to `--linger-ms` for the batch to reach `--clients` users.
+Both get the same users' histories (drawn with the seed, last max_len items, k=10); printed: users/s.
+No HTTP, no MLflow: the model's side of serving only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import queue
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+from benchlib import command, emit, machine
+from e4srec import contracts as c
+from e4srec.recommend import MicroBatcher, Recommender
+
+
+class Lingering(MicroBatcher):
+    """MicroBatcher that waits up to `linger` seconds for `target` users before scoring."""
+
+    linger, target = 0.015, 8
+
+    def _work(self) -> None:
+        while True:
+            jobs = [self.pending.get()]
+            deadline = time.perf_counter() + self.linger
+            while sum(len(j[0]) for j in jobs) < self.target:
+                try:
+                    jobs.append(self.pending.get(timeout=max(0.0, deadline - time.perf_counter())))
+                except queue.Empty:
+                    break
+            histories = [h for j in jobs for h in j[0]]
+            results = self.recommender.recommend(histories, [k for j in jobs for k in j[1]], batch_size=64)
+            start = 0
+            for job_histories, _, future in jobs:
+                future.set_result(results[start : start + len(job_histories)])
+                start += len(job_histories)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="train-e4srec (or pretrain-sasrec) output folder")
+    parser.add_argument("--data", required=True, help="its prepare-data output")
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--users", type=int, default=200)
+    parser.add_argument("--linger-ms", type=float, default=15.0)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    recommender = Recommender(args.model)
+    data = c.load_sequence_data(args.data)
+    users = np.random.default_rng(args.seed).choice(data.n_users, args.users, replace=False)
+    histories = [[str(data.item_ids[i]) for i in data.sequence(int(u))[-data.max_len:]] for u in users]
+    Lingering.linger, Lingering.target = args.linger_ms / 1000, args.clients
+    result = {"command": command(), "machine": machine(), "users_per_s": {}}
+    for cls in (MicroBatcher, Lingering):
+        batcher = cls(recommender)
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(args.clients) as pool:
+            list(pool.map(lambda h: batcher.recommend([h], [10]), histories))  # noqa: B023 (batcher of this pass)
+        result["users_per_s"][cls.__name__] = round(len(histories) / (time.perf_counter() - t0), 1)
+    emit(result, None)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

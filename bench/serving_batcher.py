@@ -6,7 +6,9 @@
 `MicroBatcher` (what the served pyfunc uses) scores whatever arrived while the previous batch ran;
 the lingering variant here also waits up to `--linger-ms` for the batch to reach `--clients` users.
 Both get the same users' histories (drawn with the seed, last max_len items, k=10); printed: users/s.
-No HTTP, no MLflow: the model's side of serving only.
+Before that, `Recommender.recommend` alone is timed on fixed shapes (users x history length, for each
+`--dtypes`), 3 s each: what one forward pass costs, and what each more position adds. No HTTP, no
+MLflow: the model's side of serving only.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import queue
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 from benchlib import command, emit, machine
@@ -53,20 +56,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--users", type=int, default=200)
     parser.add_argument("--linger-ms", type=float, default=15.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, help="write the result here too")
+    parser.add_argument("--dtypes", nargs="*", default=["bf16", "fp32"], help="backbone precisions for the shape timings")
     args = parser.parse_args(argv)
+    result = {"command": command(), "machine": machine(), "ms_per_call": {}, "users_per_s": {}}
+    for dtype in args.dtypes:
+        timed = Recommender(args.model, dtype=dtype)
+        ids = timed.item_ids[1:]
+        for users, length in ((1, 3), (1, 8), (1, 50), (8, 8), (8, 50), (64, 8), (64, 50)):
+            batch = [[ids[(31 * u + j) % len(ids)] for j in range(length)] for u in range(users)]
+            timed.recommend(batch, 10)  # warm-up
+            t0, calls = time.perf_counter(), 0
+            while time.perf_counter() - t0 < 3:
+                timed.recommend(batch, 10)
+                calls += 1
+            result["ms_per_call"][f"{dtype} {users}x{length}"] = round((time.perf_counter() - t0) / calls * 1000, 1)
     recommender = Recommender(args.model)
     data = c.load_sequence_data(args.data)
     users = np.random.default_rng(args.seed).choice(data.n_users, args.users, replace=False)
     histories = [[str(data.item_ids[i]) for i in data.sequence(int(u))[-data.max_len:]] for u in users]
     Lingering.linger, Lingering.target = args.linger_ms / 1000, args.clients
-    result = {"command": command(), "machine": machine(), "users_per_s": {}}
     for cls in (MicroBatcher, Lingering):
         batcher = cls(recommender)
         t0 = time.perf_counter()
         with ThreadPoolExecutor(args.clients) as pool:
             list(pool.map(lambda h: batcher.recommend([h], [10]), histories))  # noqa: B023 (batcher of this pass)
         result["users_per_s"][cls.__name__] = round(len(histories) / (time.perf_counter() - t0), 1)
-    emit(result, None)
+    emit(result, args.json)
     return 0
 
 

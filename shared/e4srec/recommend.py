@@ -25,6 +25,14 @@ class Recommendation:
     unknown_items: list[str] = field(default_factory=list)
 
 
+def check_ks(ks: list) -> list:
+    """`ks` unchanged when every k is a positive integer; else a one-line error naming the request."""
+    for i, value in enumerate(ks):
+        if not isinstance(value, (int, np.integer)) or value < 1:
+            raise E4SRecError(f"request {i}: k={value!r}; k must be a positive integer")
+    return ks
+
+
 class Recommender:
     """A trained E4SRec or SASRec plus its item map (an E4SRec scores with its instruction prefix cached once)."""
 
@@ -58,10 +66,7 @@ class Recommender:
         Histories are scored in batches of similar length (see `length_batches`): a batch is padded to
         its longest history, and padding costs as much as real items.
         """
-        ks = [k] * len(histories) if isinstance(k, int) else list(k)
-        for i, value in enumerate(ks):
-            if not isinstance(value, (int, np.integer)) or value < 1:
-                raise E4SRecError(f"request {i}: k={value!r}; k must be a positive integer")
+        ks = check_ks([k] * len(histories) if isinstance(k, int) else list(k))
         encoded = [self.encode(list(h)) for h in histories]
         out: list[Recommendation | None] = [None] * len(encoded)
         for rows in length_batches([len(ix) for ix, _ in encoded], batch_size):
@@ -87,8 +92,8 @@ class Recommender:
 
 
 # A forward pass costs about as much as this many more history positions in a batch, whatever its size:
-# it reads every weight once. SmolLM2 E4SRec in bf16 on 2 cores: ~45 ms for one short history, then
-# ~1.6 ms per (user, position) at batch 64 (bench/serving_load.py; numbers in the README).
+# it reads every weight once. SmolLM2 E4SRec in bf16 on 2 cores (bench/serving_batcher.py): 61 ms for one
+# 3-item history, ~1 ms per (user, position) at 64 users x 50 items.
 FORWARD_COST_POSITIONS = 32
 
 
@@ -132,9 +137,7 @@ class MicroBatcher:
     def recommend(self, histories: list[list[str]], ks: list[int]) -> list[Recommendation]:
         from concurrent.futures import Future
 
-        for i, value in enumerate(ks):
-            if not isinstance(value, (int, np.integer)) or value < 1:
-                raise E4SRecError(f"request {i}: k={value!r}; k must be a positive integer")
+        check_ks(ks)
         if len(histories) >= self.max_users:  # already a batch of its own
             return self.recommender.recommend(histories, ks, batch_size=self.max_users)
         future: Future = Future()

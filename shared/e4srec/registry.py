@@ -85,7 +85,7 @@ def _size_mb(path: Path) -> float:
     return sum(f.stat().st_size for f in files) / 2**20
 
 
-def _backbone(model_dir: Path, scratch: Path) -> dict[str, str]:
+def _backbone(llm: dict[str, Any], scratch: Path) -> dict[str, str]:
     """Artifacts that make an E4SRec folder servable on a machine without its backbone.
 
     The backbone's weights (a GGUF file or a model folder) are logged beside the folder when they are at
@@ -94,9 +94,7 @@ def _backbone(model_dir: Path, scratch: Path) -> dict[str, str]:
     loading; a hub id needs nothing (the serving machine downloads it or has it cached).
     """
     from e4srec import backbones
-    from e4srec.stages import train_e4srec
 
-    llm = c.read_json(model_dir / train_e4srec.CONFIG)["llm"]
     source = backbones.weights_source(llm["backbone"], llm.get("local_files_only", True))
     if source is None:
         return {}
@@ -108,12 +106,12 @@ def _backbone(model_dir: Path, scratch: Path) -> dict[str, str]:
     return {"backbone_reference": str(reference)}
 
 
-def backbone_spec(artifacts: dict[str, str]) -> str | None:
-    """The spec that loads a logged backbone ({artifact name: local path}): gguf:FILE or hf:FOLDER."""
+def logged_files(artifacts: dict[str, str]) -> tuple[Path, str | None]:
+    """A logged model's artifacts ({name: local path}) -> (its model folder, the spec that loads its logged
+    backbone: gguf:FILE or hf:FOLDER, None when none was logged)."""
+    folder = Path(artifacts.get("model") or artifacts["e4srec"])  # "e4srec": versions logged before SASRec was
     path = artifacts.get("backbone")
-    if not path:
-        return None
-    return f"{'hf' if Path(path).is_dir() else 'gguf'}:{path}"
+    return folder, (f"{'hf' if Path(path).is_dir() else 'gguf'}:{path}" if path else None)
 
 
 def log_and_register(model_dir: Path, name: str, example_history: list[str], tags: dict[str, str]) -> str:
@@ -130,9 +128,9 @@ def log_and_register(model_dir: Path, name: str, example_history: list[str], tag
     import e4srec
     from e4srec import trained
 
-    kind = trained.kind_of(model_dir)
+    kind, meta = trained.read_config(model_dir)
     with tempfile.TemporaryDirectory() as scratch:
-        artifacts = {"model": str(model_dir)} | (_backbone(model_dir, Path(scratch)) if kind == "e4srec" else {})
+        artifacts = {"model": str(model_dir)} | (_backbone(meta["llm"], Path(scratch)) if kind == "e4srec" else {})
         info = mlflow.pyfunc.log_model(
             name=f"model-{kind}", python_model=str(PYFUNC_CODE), artifacts=artifacts,
             code_paths=[str(Path(e4srec.__file__).parent)], signature=signature(),
@@ -152,10 +150,7 @@ def download(name: str, alias: str) -> tuple[Path, str | None]:
     except Exception as e:  # noqa: BLE001 (MlflowException, or the artifact store's own errors)
         raise E4SRecError(f"{uri}: cannot download ({str(e).splitlines()[0][:200]})") from None
     flavor = mlflow.models.Model.load(str(local / "MLmodel")).flavors["python_function"]
-    artifacts = {k: str(local / v["path"]) for k, v in flavor.get("artifacts", {}).items()}
-    folder = Path(artifacts.get("model") or artifacts["e4srec"])  # "e4srec": versions logged before SASRec was
-    backbone = backbone_spec(artifacts)
-    return folder, backbone
+    return logged_files({k: str(local / v["path"]) for k, v in flavor.get("artifacts", {}).items()})
 
 
 def version_for(name: str, alias: str) -> Any | None:

@@ -34,24 +34,23 @@ class TrainedModel:
     module: torch.nn.Module  # the loaded E4SRec or SASRec
 
 
-def kind_of(folder: Path | str) -> str:
-    """`e4srec` or `sasrec`, from the folder's config.json; anything else is a one-line error."""
+def read_config(folder: Path | str) -> tuple[str, dict]:
+    """(`e4srec` or `sasrec`, the folder's config.json); anything but a recommender folder is a one-line error."""
     path = Path(folder) / CONFIG
     if not path.is_file():
         raise E4SRecError(f"{path}: file not found; pass a train-e4srec or pretrain-sasrec output folder")
-    stage = c.read_json(path).get("stage")
-    if stage not in KINDS:
-        raise E4SRecError(f"{path}: stage {stage!r} is not a recommender; pass a train-e4srec or pretrain-sasrec "
-                          f"output folder")
-    return KINDS[stage]
+    meta = c.read_json(path)
+    if meta.get("stage") not in KINDS:
+        raise E4SRecError(f"{path}: stage {meta.get('stage')!r} is not a recommender; pass a train-e4srec or "
+                          f"pretrain-sasrec output folder")
+    return KINDS[meta["stage"]], meta
 
 
 def load(folder: Path | str, device: torch.device | str = "cpu", dtype: str | None = None,
          backbone: str | None = None) -> TrainedModel:
     """Load a model folder for scoring; `dtype` and `backbone` (a spec) replace an E4SRec's recorded ones."""
     folder = Path(folder)
-    kind = kind_of(folder)
-    meta = c.read_json(folder / CONFIG)
+    kind, meta = read_config(folder)
     device = torch.device(device)
     if kind == "e4srec":
         from e4srec.stages import train_e4srec

@@ -51,8 +51,8 @@ class E4SRecPyfunc(mlflow.pyfunc.PythonModel):
 
             reference = contracts.read_json(artifacts["backbone_reference"])
             check_weights(reference["backbone"], reference["sha256"])
-        folder = artifacts.get("model") or artifacts["e4srec"]  # "e4srec": versions logged before SASRec was
-        self.recommender = Recommender(folder, backbone=registry.backbone_spec(artifacts))
+        folder, backbone = registry.logged_files(artifacts)
+        self.recommender = Recommender(folder, backbone=backbone)
         self.batcher = MicroBatcher(self.recommender)  # the server calls predict from several threads at once
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:  # noqa: ANN001

@@ -40,7 +40,7 @@ from e4srec.tracking import Tracker, mlflow_key, stage_run
 
 STAGE = "deploy"
 VERDICT = "verdict.json"
-LABELS = trained.LABELS
+LABELS = trained.LABELS  # E4SRec, SASRec: how verdicts name the kinds
 
 
 @dataclass
@@ -138,9 +138,9 @@ def _register(name: str, folders: dict[str, Path], data: c.SequenceData, config:
         current = registry.version_for(name, alias) if existed else None
         before[alias] = str(current.version) if current else None
     versions: dict[str, str] = {}
+    example = [str(data.item_ids[i]) for i in data.sequence(0)[-5:]]
     try:
         for kind, folder in folders.items():
-            example = [str(data.item_ids[i]) for i in data.sequence(0)[-5:]]
             versions[kind] = registry.log_and_register(folder, name, example, {"item_map_sha256": data.item_map_sha256})
             tags = {"dataset": str(data.manifest["input"]["name"]), config.metric: str(scores[kind]),
                     "pipeline_run_id": os.environ.get("E4SREC_PIPELINE_RUN_ID", ""),
@@ -181,14 +181,14 @@ def run(config: DeployConfig, model_dir: Path | str, sasrec_dir: Path | str, dat
         raise E4SRecError("deploy registers models in MLflow; run it with tracking on (drop --no-tracking)")
     preflight(output, overwrite)
     folders = {"e4srec": Path(fetch(model_dir)), "sasrec": Path(fetch(sasrec_dir))}
-    for kind, folder in folders.items():
-        if trained.kind_of(folder) != kind:
-            raise E4SRecError(f"{folder}: a {LABELS[trained.kind_of(folder)]} model where the {LABELS[kind]} "
-                              f"model belongs; pass the train-e4srec output as --model and pretrain-sasrec's as --sasrec")
     data = c.load_sequence_data(fetch(data_dir))
-    for folder in folders.values():
-        c.check_item_map_hash(c.read_json(folder / trained.CONFIG).get("item_map_sha256"), data.item_map_sha256,
-                              str(folder / trained.CONFIG), "deploy it with the data it was trained on")
+    for kind, folder in folders.items():
+        found, meta = trained.read_config(folder)
+        if found != kind:
+            raise E4SRecError(f"{folder}: a {LABELS[found]} model where the {LABELS[kind]} model belongs; pass the "
+                              f"train-e4srec output as --model and pretrain-sasrec's as --sasrec")
+        c.check_item_map_hash(meta.get("item_map_sha256"), data.item_map_sha256, str(folder / trained.CONFIG),
+                              "deploy it with the data it was trained on")
     name = config.registered_model or registry.default_name(data.manifest)
     users = seeded_subset(data.n_users, config.eval_users, config.seed)
     t0 = time.perf_counter()

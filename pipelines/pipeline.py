@@ -83,6 +83,39 @@ def stage_components(profile: Profile) -> dict[str, Any]:
     }
 
 
+def check_arguments(arguments: dict[str, Any]) -> None:
+    """Build every stage's config from the pipeline's arguments, so that a bad value is one line before
+    anything runs or is submitted (the stages build the same configs again from the same values)."""
+    from e4srec.stages import (batch_recommend, deploy, instruction_tune, prepare_data, pretrain_sasrec,
+                               train_e4srec)
+
+    a = {name: default for name, (_, default, _) in pipeline_parameters().items()} | arguments
+    prepare_data.PrepareDataConfig(format=a["input_format"], user_col=a["user_col"], item_col=a["item_col"],
+                                   time_col=a["time_col"], k_core=a["k_core"], max_len=a["max_len"],
+                                   n_negatives=a["n_negatives"], seed=a["seed"])
+    pretrain_sasrec.PretrainSasrecConfig(loss=a["sasrec_loss"], epochs=a["sasrec_epochs"],
+                                         batch_size=a["sasrec_batch_size"], lr=a["sasrec_lr"],
+                                         dropout=a["sasrec_dropout"], patience=a["sasrec_patience"], seed=a["seed"],
+                                         device=a["device"])
+    instruction_tune.InstructionTuneConfig(backbone=a["backbone"], dtype=a["backbone_dtype"],
+                                           quantization=a["quantization"], max_examples=a["instruct_max_examples"],
+                                           epochs=a["instruct_epochs"], batch_size=a["instruct_batch_size"],
+                                           lr=a["instruct_lr"], seed=a["seed"], device=a["device"])
+    train_e4srec.TrainE4SRecConfig(epochs=a["e4srec_epochs"], batch_size=a["e4srec_batch_size"], lr=a["e4srec_lr"],
+                                   max_examples=a["e4srec_max_examples"], eval_users=a["e4srec_eval_users"],
+                                   dtype=a["backbone_dtype"], seed=a["seed"], device=a["device"])
+    deploy.DeployConfig(registered_model=a["registered_model"], metric=a["gate_metric"],
+                        min_margin=a["gate_min_margin"], when_no_champion=a["when_no_champion"],
+                        force_promote=a["force_promote"], eval_users=a["e4srec_eval_users"], seed=a["seed"],
+                        device=a["device"])
+    if a["batch_recommend_k"] < 0:
+        from e4srec.errors import E4SRecError
+
+        raise E4SRecError(f"batch_recommend_k={a['batch_recommend_k']}: must be >= 0 (0 skips batch-recommend)")
+    if a["batch_recommend_k"]:
+        batch_recommend.BatchRecommendConfig(k=a["batch_recommend_k"], device=a["device"])
+
+
 def create_pipeline(profile: str | Path | Profile = "cluster", *, name: str = PIPELINE_NAME
                     ) -> dsl.graph_component.GraphComponent:
     """Build the pipeline for an environment profile.
@@ -113,6 +146,9 @@ def create_pipeline(profile: str | Path | Profile = "cluster", *, name: str = PI
         input_uri: str,
         instructions_uri: str = "",
         input_format: str = "auto",
+        user_col: str = "user_id",
+        item_col: str = "item_id",
+        time_col: str = "timestamp",
         k_core: int = 0,
         max_len: int = 50,
         n_negatives: int = 99,
@@ -151,6 +187,9 @@ def create_pipeline(profile: str | Path | Profile = "cluster", *, name: str = PI
         Args:
             input_uri: raw dataset: an S3-Rec text file or an interactions table (Parquet/CSV/TSV).
             input_format: s3rec, interactions, or auto (by file suffix).
+            user_col: user column of an interactions table.
+            item_col: item column of an interactions table.
+            time_col: timestamp column of an interactions table (numbers or dates; orders each user's items).
             k_core: keep only users and items with at least k interactions (0: off).
             max_len: histories are cut to their last max_len items everywhere.
             n_negatives: sampled negatives per user for the sampled ranking protocol.
@@ -192,7 +231,8 @@ def create_pipeline(profile: str | Path | Profile = "cluster", *, name: str = PI
         """
         run_name = dsl.PIPELINE_JOB_NAME_PLACEHOLDER  # only for the uncached stages (report title, parent run name)
         data = prepare_data(
-            input_uri=input_uri, format=input_format, k_core=k_core, max_len=max_len, n_negatives=n_negatives,
+            input_uri=input_uri, format=input_format, user_col=user_col, item_col=item_col, time_col=time_col,
+            k_core=k_core, max_len=max_len, n_negatives=n_negatives,
             seed=seed, tracking=tracking, experiment=experiment,
         )
         configure(data, "prepare-data")

@@ -9,9 +9,20 @@ from typing import Any
 
 import yaml
 from e4srec.errors import E4SRecError
-from e4srec_pipelines.pipeline import PIPELINE_NAME, configure_for, create_pipeline, stage_components
+from e4srec_pipelines.pipeline import PIPELINE_NAME, check_arguments, configure_for, create_pipeline, stage_components
 from e4srec_pipelines.profiles import load_profile
 from kfp import compiler, dsl
+
+
+def check_host(host: str) -> None:
+    """A Kubeflow Pipelines endpoint is a URL: `127.0.0.1:9` is one line, not a connection error later."""
+    from urllib.parse import urlparse
+
+    parsed = urlparse(host)
+    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        raise E4SRecError(f"--host {host!r}: not an http(s) URL; write it with its scheme, e.g. http://{host}"
+                          if "://" not in host else f"--host {host!r}: not an http(s) URL, e.g. "
+                          f"https://kubeflow.example.com/pipeline")
 
 
 def client(host: str, namespace: str | None = None, token: str | None = None, cookie: str | None = None) -> Any:
@@ -171,6 +182,9 @@ def submit(arguments: dict[str, Any], *, host: str, profile: str = "cluster", pi
            upload: str | None = None, schedule: str | None = None) -> Submitted:
     """Compile `pipeline` (default: the whole pipeline for `profile`) and create a run of it on the
     Kubeflow Pipelines API at `host`, under `pipeline_root` (default: the profile's)."""
+    check_host(host)
+    if pipeline is None:
+        check_arguments(arguments)
     loaded = load_profile(profile)
     if pipeline_root is None:
         pipeline_root = loaded.pipeline_root
@@ -355,6 +369,10 @@ def rerun_pipeline(stage: str, run: EarlierRun, settings: list[str], profile: st
     the parameters that run gave the stage unless `settings` (KEY=VALUE) override them."""
     if stage not in RERUN_INPUTS:
         raise E4SRecError(f"stage {stage!r}: can be rerun: {', '.join(RERUN_INPUTS)}")
+    unknown = sorted(set(overrides or {}) - set(RERUN_INPUTS[stage]))
+    if unknown:
+        raise E4SRecError(f"--input-override {unknown[0]}=...: {stage} has no input {unknown[0]!r}; its inputs: "
+                          f"{', '.join(RERUN_INPUTS[stage])}")
     loaded = load_profile(profile)
     component, configure = stage_components(loaded)[stage], configure_for(loaded)
     inherited, chosen = run.stage_parameters(stage, component), convert(component, settings)
@@ -372,6 +390,10 @@ def rerun_pipeline(stage: str, run: EarlierRun, settings: list[str], profile: st
         inputs = {}
         for name, (_, _, kind) in RERUN_INPUTS[stage].items():
             inputs[name] = dsl.importer(artifact_uri=sources[name], artifact_class=kind, reimport=False).output
-        configure(component(**inputs, **params), stage)
+        task = configure(component(**inputs, **params), stage)
+        if stage == "deploy":  # as in the pipeline: the champion moves when the gate approves
+            with dsl.If(task.outputs["Output"] == True):  # noqa: E712 (a KFP condition, not a Python test)
+                configure(stage_components(loaded)["promote-champion"](verdict=task.outputs["verdict"]),
+                          "promote-champion")
 
     return one_stage

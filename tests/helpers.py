@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import socket
@@ -23,6 +24,17 @@ def write_slice(src: Path, dst: Path, n_lines: int) -> Path:
         lines = [next(f) for _ in range(n_lines)]
     dst.write_text("".join(lines))
     return dst
+
+
+def digest(paths: list[Path]) -> dict[str, str]:
+    """SHA-256 of every file under each path (and the mode of each folder): any change to an input shows."""
+    out: dict[str, str] = {}
+    for root in paths:
+        if not root.exists():
+            continue
+        for p in [root, *sorted(root.rglob("*"))] if root.is_dir() else [root]:
+            out[str(p)] = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else oct(p.stat().st_mode)
+    return out
 
 
 def e4srec(*args: str | Path, cwd: Path | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:

@@ -101,7 +101,7 @@ def test_gate_over_four_runs_then_rollback_and_history(tmp_path: Path, beauty_sl
     assert forced.returncode == 0 and champion() == "9" and "forced: manual promotion" in forced.stdout
     assert registry.alias_history(NAME, "champion")[-1]["forced"] is True
     missing = e4srec("promote", "no-such-model")
-    assert missing.returncode == 1 and "registered model 'no-such-model' not found" in missing.stderr
+    assert missing.returncode == 1 and "no-such-model: no registered model of that name" in missing.stderr
 
 
 def config(**kw: object) -> deploy.DeployConfig:

@@ -65,7 +65,7 @@ def test_bad_new_items(trained: Path, tmp_path: Path) -> None:
     pd.DataFrame({"item_id": ["z"], "embedding": [[0.0] * 3]}).to_parquet(tmp_path / "short.parquet")
     result = e4srec("extend-items", "--model", trained, "--new-items", tmp_path / "short.parquet", "--output",
                     tmp_path / "y")
-    assert result.returncode == 1 and "embedding of length 3, expected 64" in result.stderr
+    assert result.returncode == 1 and "embedding of length 3, expected a list of 64 numbers" in result.stderr
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 

@@ -85,7 +85,12 @@ def test_rest_serving_matches_the_cli_and_rejects_bad_requests(champion, tmp_pat
         cut = Recommender(root / "model").recommend([long_history[-50:]], 3)[0]
         assert body["predictions"][0]["items"] == cut.items
 
+        as_ints = [int(item_ids[3]), int(item_ids[10]), int(item_ids[42])]  # Beauty's ids are numbers: JSON ints work
+        _, body = post(port, json.dumps({"dataframe_records": [{"history": as_ints, "k": 5}]}).encode())
+        assert body["predictions"][0]["items"] == served["items"]
+
         for bad, needle in [
+            (b'{"dataframe_records": [{"history": [1.5, 2], "k": 3}]}', "item ids are strings or integers"),
             (b'{"dataframe_records": [{"hist": ["1"], "k": 3}]}', "missing inputs ['history']"),
             (b'{"dataframe_records": [{"history": ["1"], "k": -2}]}', "k must be a positive integer"),
             (b'{"dataframe_records": [{"history": "1 2", "k": 3}]}', "history"),
@@ -123,6 +128,15 @@ def test_the_registered_sasrec_answers_like_its_folder(champion, sasrec_dir: Pat
                         tmp_path / "batch", progress=False)
     rows = pd.read_parquet(tmp_path / "batch" / batch_recommend.OUTPUT)
     assert len(rows) == 20 and all(len(items) == 5 for items in rows["items"])
+    assert list(rows["user_id"]) == [str(u) for u in c.load_sequence_data(prepared).user_ids[:20]]  # user order
+    first = [item_ids[i - 1] for i in c.load_sequence_data(prepared).sequence(0)]
+    assert list(rows["items"][0]) == Recommender(sasrec_dir).recommend([first], 5)[0].items
+    # a registry URI, as `recommend` takes: the same rows as the folder it was registered from
+    by_uri = e4srec("batch-recommend", "--model", f"models:/{name}/{sasrec_version}", "--data", prepared, "--output",
+                    tmp_path / "batch-uri", "--k", "5", "--max-users", "20", "--device", "cpu", "--no-tracking",
+                    env={"MLFLOW_TRACKING_URI": uri})
+    assert by_uri.returncode == 0, by_uri.stderr
+    assert pd.read_parquet(tmp_path / "batch-uri" / batch_recommend.OUTPUT).equals(rows)
 
 
 def deploy_verdict(root: Path) -> dict:

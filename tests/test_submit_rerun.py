@@ -130,3 +130,21 @@ def test_submit_schedule_creates_a_recurring_run(kfp_api: str) -> None:
     assert made["runtime_config"]["parameters"]["input_uri"] == "s3://d/Beauty.txt"
     bad = e4srec("submit", "--host", kfp_api, "--schedule", "every monday", "--input", "s3://d/Beauty.txt")
     assert bad.returncode == 1 and "a cron expression has 5 fields" in bad.stderr
+
+
+def test_rerun_deploy_moves_the_champion_as_the_pipeline_does(tiny_run: tuple[Path, Path, str], tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from e4srec import registry
+
+    cwd, run_dir, _ = tiny_run
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = e4srec("rerun", "deploy", "--from", run_dir, "--set", "tracking=true", "--set", "eval_users=20",
+                    "--set", "registered_model=e4srec-rerun", cwd=cwd, env={"MLFLOW_TRACKING_URI": uri})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    champion = registry.version_for("e4srec-rerun", registry.CHAMPION)  # no champion before: the gate promotes
+    assert champion is not None
+    (move,) = registry.alias_history("e4srec-rerun", registry.CHAMPION)
+    assert move["to"] == str(champion.version) and "no champion yet" in move["reason"]
+    unknown = e4srec("rerun", "deploy", "--from", run_dir, "--input-override", "sasrek=/x", cwd=cwd)
+    assert unknown.returncode == 1 and "deploy has no input 'sasrek'" in unknown.stderr

@@ -92,6 +92,15 @@ def parse_spec(spec: str) -> tuple[str, str]:
     return kind, argument
 
 
+def check_local(spec: str) -> None:
+    """One line now, not after the work, when a spec names a local file or folder that is not there."""
+    kind, argument = parse_spec(spec)
+    if kind == "gguf" and not argument.startswith("s3://") and not Path(argument).expanduser().is_file():
+        raise E4SRecError(f"backbone {spec!r}: {argument} is not a file; give gguf:PATH to a .gguf file")
+    if kind == "hf" and argument.startswith(("/", "./", "../", "~")) and not Path(argument).expanduser().is_dir():
+        raise E4SRecError(f"backbone {spec!r}: {argument} is not a folder; give hf:FOLDER or hf:ORG/NAME")
+
+
 def resolve(spec: str, local_files_only: bool = True) -> str:
     """The folder (or hub id) `from_pretrained` loads for `spec`, building caches on first use."""
     kind, argument = parse_spec(spec)
@@ -307,7 +316,9 @@ def _quantization_config(quantization: str, dtype: torch.dtype) -> Any:
 def load_backbone(options: BackboneOptions, device: torch.device | str = "cpu") -> Backbone:
     """Load the causal LM and tokenizer `options` name onto `device`, frozen and in eval mode."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # seconds-long weight loading: a bar per load only buries the log
     device = torch.device(device)
     source = resolve(options.backbone, options.local_files_only)
     dtype = resolve_dtype(options.dtype, device)

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from e4srec import config as cfg
-from e4srec.errors import E4SRecError
+from e4srec.errors import E4SRecError, Stopped
 
 
 def _tracking_args(p: argparse.ArgumentParser) -> None:
@@ -106,6 +109,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
     from e4srec import registry
 
     if args.history:
+        registry.check_exists(args.name)
         for move in registry.alias_history(args.name):
             print(registry.describe(move))
         return 0
@@ -172,10 +176,12 @@ def cmd_backbones(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from e4srec import contracts as c
     from e4srec.evaluate import evaluate
-    from e4srec.outputs import staged_output
+    from e4srec.outputs import preflight, staged_output
     from e4srec.stages import pretrain_sasrec
     from e4srec.storage import fetch
 
+    if args.output:
+        preflight(args.output, args.overwrite, {"--model": args.model, "--data": args.data})
     data = c.load_sequence_data(fetch(args.data))
     model = pretrain_sasrec.load_model(fetch(args.model), data)
     metrics: dict[str, float] = {}
@@ -186,7 +192,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         by_length[split] = result.by_length()
     _print_metrics(metrics, Path(args.model).name)
     if args.output:
-        with staged_output(args.output, args.overwrite) as out:
+        with staged_output(args.output, args.overwrite, {"--model": args.model, "--data": args.data}) as out:
             c.write_json(out / c.METRICS, metrics)
             c.write_json(out / "metrics_by_length.json", by_length)
         print(f"wrote {args.output}")
@@ -271,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     from e4srec.stages.pretrain_sasrec import PretrainSasrecConfig
     from e4srec.stages.train_e4srec import TrainE4SRecConfig
 
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = _DefaultsFormatter
     parser = argparse.ArgumentParser(prog="e4srec", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -366,7 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("batch-recommend", help="top-k original item ids for every user, as Parquet",
                        description="Score every user's whole sequence; write recommendations.parquet "
                                    "(user_id, items, scores).")
-    p.add_argument("--model", required=True, type=str, help="train-e4srec output folder")
+    p.add_argument("--model", required=True, type=str, help="train-e4srec or pretrain-sasrec output folder, or "
+                                                             "models:/NAME@ALIAS or models:/NAME/VERSION")
     p.add_argument("--data", required=True, type=str, help="prepare-data output folder")
     p.add_argument("--output", required=True, type=str, help="output folder")
     cfg.add_arguments(p, BatchRecommendConfig)
@@ -476,15 +483,56 @@ def main(argv: list[str] | None = None) -> int:
     # MLflow's INFO lines (database creation and migration) would bury the one-line errors and the
     # metrics table; MLFLOW_LOGGING_LEVEL=INFO brings them back.
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    logging.getLogger("mlflow").setLevel(os.environ["MLFLOW_LOGGING_LEVEL"].upper())  # also when already imported
     args = build_parser().parse_args(argv)
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _stop) if on_main_thread else None
     try:
         return args.func(args)
     except E4SRecError as e:
         print(f"e4srec {args.command}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"e4srec {args.command}: interrupted", file=sys.stderr)
+        print(f"e4srec {args.command}: interrupted; unfinished output removed", file=sys.stderr)
         return 130
+    except Stopped:
+        print(f"e4srec {args.command}: stopped by SIGTERM; unfinished output removed", file=sys.stderr)
+        return 143
+    except Exception as e:  # a tracking server's or an object store's error reaching the top: one line too
+        service = type(e).__module__.split(".")[0]
+        if service not in SERVICES:
+            raise
+        detail = " ".join(str(e).split())[:300]
+        print(f"e4srec {args.command}: error: {SERVICES[service]} failed: {type(e).__name__}: {detail}; check the "
+              f"server ({_service_address(service)}) and its credentials", file=sys.stderr)
+        return 1
+    finally:
+        if on_main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+SERVICES = {"mlflow": "MLflow", "requests": "an HTTP request", "urllib3": "an HTTP request", "botocore": "S3",
+            "boto3": "S3", "s3transfer": "S3"}
+
+
+def _service_address(service: str) -> str:
+    if SERVICES[service] == "S3":
+        return f"AWS_ENDPOINT_URL={os.environ.get('AWS_ENDPOINT_URL', 'unset')}"
+    return f"MLFLOW_TRACKING_URI={os.environ.get('MLFLOW_TRACKING_URI', 'sqlite:///mlflow.db')}"
+
+
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """argparse's defaults formatter, without "(default: None)" and without saying a default twice."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "(default" in text or action.default in (None, argparse.SUPPRESS, False) or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def _stop(signum: int, frame: object) -> None:
+    raise Stopped()
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import types
 import typing
 from typing import Any, TypeVar
@@ -31,14 +32,23 @@ def _field_type(cls: type, f: dataclasses.Field) -> type:
 
 
 def check_choices(obj: Any) -> None:
-    """Raise E4SRecError for a field whose value is not among its declared choices."""
+    """Raise E4SRecError for a field whose value is not among its declared choices, a float field
+    that is NaN or infinite, a seed outside numpy's [0, 2**32) or a type that is not the declared one."""
     for f in dataclasses.fields(obj):
         choices = f.metadata.get("choices")
         value = getattr(obj, f.name)
+        name = f"{type(obj).__name__}.{f.name}"
+        tp = _field_type(type(obj), f)
+        if tp is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if tp in (int, float, str, bool) and value is not None and type(value) is not tp:
+            raise E4SRecError(f"{name}={value!r}: expected {tp.__name__}, got {type(value).__name__}")
         if choices and value not in choices:
-            raise E4SRecError(
-                f"{type(obj).__name__}.{f.name}: {value!r} is not one of {', '.join(map(str, choices))}"
-            )
+            raise E4SRecError(f"{name}: {value!r} is not one of {', '.join(map(str, choices))}")
+        if tp is float and not math.isfinite(value):
+            raise E4SRecError(f"{name}={value!r}: must be a finite number")
+        if f.name == "seed" and not 0 <= value < 2**32:
+            raise E4SRecError(f"{name}={value!r}: must be in [0, 2**32)")
 
 
 def require(condition: bool, obj: Any, name: str, why: str) -> None:

@@ -68,6 +68,40 @@ def write_json(path: Path | str, obj: Any) -> None:
     Path(path).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+MANIFEST_FIELDS = {"format_version": int, "n_users": int, "n_items": int, "max_len": int, "n_negatives": int,
+                   "item_map_sha256": str}
+
+
+def read_json_object(path: Path | str, fields: dict[str, type | tuple[type, ...]], fix: str) -> dict[str, Any]:
+    """Read a JSON object whose `fields` must be present with these types; any defect is one line
+    naming the file and the field."""
+    obj = read_json(path)
+    if not isinstance(obj, dict):
+        raise E4SRecError(f"{path}: expected a JSON object, found {type(obj).__name__}; {fix}")
+    for key, tp in fields.items():
+        if key not in obj:
+            raise E4SRecError(f"{path}: missing field {key!r}; {fix}")
+        value = obj[key]
+        if isinstance(value, bool) and tp is not bool or not isinstance(value, tp):
+            names = " or ".join(t.__name__ for t in (tp if isinstance(tp, tuple) else (tp,)))
+            raise E4SRecError(f"{path}: field {key!r} is {value!r}, expected {names}; {fix}")
+    return obj
+
+
+def read_safetensors(path: Path | str) -> dict[str, Any]:
+    """Read a safetensors file into CPU tensors; a missing, truncated or foreign file is one line."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise E4SRecError(f"{path}: file not found")
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types (and OSError)
+        raise E4SRecError(f"{path}: not a readable safetensors file ({' '.join(str(e).split())[:160]}); "
+                          f"the file is truncated or of another format, re-create it") from None
+
+
 def read_json(path: Path | str) -> Any:
     """Read a JSON file, naming the file in the error when it is missing or malformed."""
     try:
@@ -171,15 +205,12 @@ def load_sequence_data(root: Path | str) -> SequenceData:
     root = Path(root)
     if not root.is_dir():
         raise E4SRecError(f"{root}: not a folder; point --data at a prepare-data output folder")
-    manifest = read_json(root / MANIFEST)
-    if manifest.get("format_version") != FORMAT_VERSION:
+    manifest = read_json_object(root / MANIFEST, MANIFEST_FIELDS, "re-run prepare-data")
+    if manifest["format_version"] != FORMAT_VERSION:
         raise E4SRecError(
             f"{root / MANIFEST}: format_version {manifest.get('format_version')!r}, this e4srec reads "
             f"{FORMAT_VERSION}; re-run prepare-data"
         )
-    for key in ("n_users", "n_items", "max_len", "item_map_sha256", "n_negatives"):
-        if key not in manifest:
-            raise E4SRecError(f"{root / MANIFEST}: missing field {key!r}; re-run prepare-data")
 
     imap = _read_table(root / ITEM_MAP, ["item", "item_id"])
     index = imap.column("item").to_numpy()

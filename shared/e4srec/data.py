@@ -30,19 +30,24 @@ def read_s3rec(path: Path) -> pd.DataFrame:
     users: list[str] = []
     items: list[str] = []
     first_line: dict[str, int] = {}
-    with open(path, encoding="utf-8", errors="strict") as f:
+    with open(path, encoding="utf-8-sig", errors="strict") as f:  # a leading byte-order mark is skipped
         try:
             for lineno, line in enumerate(f, start=1):
                 tokens = line.split()
                 if not tokens:
                     continue
                 for col, tok in enumerate(tokens, start=1):
-                    if not tok.isdigit():
-                        what = "user id" if col == 1 else "item id"
+                    what = "user id" if col == 1 else "item id"
+                    if not (tok.isascii() and tok.isdigit()):
                         raise E4SRecError(
                             f"{path} line {lineno}, token {col}: {tok!r} is not an integer {what}; the S3-Rec "
-                            f"format is 'user item item ...' with integer ids (use a CSV/Parquet table for "
+                            f"format is 'user item item ...' with integer ids 0-9 (use a CSV/Parquet table for "
                             f"string ids)"
+                        )
+                    if col > 1 and int(tok) == 0:
+                        raise E4SRecError(
+                            f"{path} line {lineno}, token {col}: item id 0; the S3-Rec format numbers items from 1 "
+                            f"(0 is padding), renumber the items or use a CSV/Parquet table"
                         )
                 user = str(int(tokens[0]))
                 if user in first_line:
@@ -87,30 +92,48 @@ def read_interactions(path: Path, user_col: str, item_col: str, time_col: str) -
         if "Empty CSV file" in msg or path.stat().st_size == 0:
             raise E4SRecError(f"{path}: file is empty; expected a header row and one row per interaction") from None
         raise E4SRecError(f"{path}: cannot read as {kind} ({msg})") from None
+    names = table.column_names
+    if kind == "csv" and len(names) == 1:  # a header of one column: the file uses another separator
+        expected = "tabs" if path.suffix.lower() == ".tsv" else "commas"
+        for sep, sep_name, fix in ((",", "commas", "name it .csv"), ("\t", "tabs", "name it .tsv"),
+                                   (";", "semicolons", "re-export it with commas")):
+            if sep in names[0] and sep_name != expected:
+                raise E4SRecError(f"{path}: the header {names[0]!r} reads as one column: the file is separated by "
+                                  f"{sep_name}, a {path.suffix} file by {expected}; {fix}")
+    duplicated = sorted({n for n in names if names.count(n) > 1})
+    if duplicated:
+        raise E4SRecError(f"{path}: column {duplicated[0]!r} appears {names.count(duplicated[0])} times in the header; "
+                          f"column names must be unique")
     for role, col in (("user", user_col), ("item", item_col), ("timestamp", time_col)):
-        if col not in table.column_names:
+        if col not in names:
             flag = {"user": "--user-col", "item": "--item-col", "timestamp": "--time-col"}[role]
             raise E4SRecError(
-                f"{path}: missing {role} column {col!r} (columns: {', '.join(table.column_names)}); "
+                f"{path}: missing {role} column {col!r} (columns: {', '.join(names)}); "
                 f"name the right one with {flag}"
             )
     if table.num_rows == 0:
         raise E4SRecError(f"{path}: file has a header but no rows")
     df = table.select([user_col, item_col, time_col]).to_pandas()
+    def where(row: int) -> str:  # CSV: the 1-based line (after the header); Parquet: the 0-based row
+        return f"line {row + 2}" if kind == "csv" else f"row {row}"
+
     for col in (user_col, item_col, time_col):
         empty = df[col].isna() | (df[col].astype(str).str.strip() == "") if col != time_col else df[col].isna()
         nulls = np.flatnonzero(empty.to_numpy())
         if len(nulls):
-            row = int(nulls[0]) + (2 if kind == "csv" else 0)  # CSV: 1-based line after the header
-            where = f"line {row}" if kind == "csv" else f"row {row}"
-            raise E4SRecError(f"{path} {where}, column {col!r}: empty value; drop or fill the row")
+            raise E4SRecError(f"{path} {where(int(nulls[0]))}, column {col!r}: empty value; drop or fill the row")
     order = df[time_col]
+    if pd.api.types.is_float_dtype(order):
+        bad = np.flatnonzero(~np.isfinite(order.to_numpy()))
+        if len(bad):
+            raise E4SRecError(f"{path} {where(int(bad[0]))}, column {time_col!r}: {order.iloc[bad[0]]} is not a "
+                              f"finite timestamp")
     if not (pd.api.types.is_numeric_dtype(order) or pd.api.types.is_datetime64_any_dtype(order)):
         parsed = pd.to_datetime(order, errors="coerce", utc=True)
         bad = np.flatnonzero(parsed.isna().to_numpy())
         if len(bad):
             raise E4SRecError(
-                f"{path} row {int(bad[0])}, column {time_col!r}: {order.iloc[bad[0]]!r} is neither a number "
+                f"{path} {where(int(bad[0]))}, column {time_col!r}: {order.iloc[bad[0]]!r} is neither a number "
                 f"nor a date"
             )
         order = parsed
@@ -179,15 +202,17 @@ def sample_negatives(sequences: list[np.ndarray], n_items: int, k: int, seed: in
     and the test ranking (neither target can be among them, since both are in the user's sequence).
     Seeded and independent of anything but (sequences, n_items, k, seed).
     """
+    for u, seq in enumerate(sequences):  # checked before any work (and before the progress bar)
+        touched = len(np.unique(seq))
+        if n_items - touched < k:
+            raise E4SRecError(
+                f"user row {u}: touched {touched} of {n_items} items, fewer than {k} remain to sample "
+                f"negatives from; lower --n-negatives"
+            )
     rng = np.random.default_rng(seed)
     out = np.empty((len(sequences), k), dtype=np.int64)
     for u, seq in enumerate(progress(sequences, desc="negatives", unit="user", mininterval=2, leave=False)):
         seen = set(seq.tolist())
-        if n_items - len(seen) < k:
-            raise E4SRecError(
-                f"user row {u}: touched {len(seen)} of {n_items} items, fewer than {k} remain to sample "
-                f"negatives from; lower --n-negatives"
-            )
         picked: list[int] = []
         while len(picked) < k:
             for c in rng.integers(1, n_items + 1, size=2 * k).tolist():

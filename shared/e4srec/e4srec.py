@@ -103,7 +103,10 @@ class E4SRec(nn.Module):
         self.config = config
         lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                           target_modules=[m for m in config.target_modules.split(",") if m])
-        self.llm = get_peft_model(decoder, lora)
+        try:
+            self.llm = get_peft_model(decoder, lora)
+        except ValueError as e:  # a module name the backbone does not have
+            raise E4SRecError(f"target_modules={config.target_modules!r}: {e}") from None
         for module in self.llm.modules():  # same dropout, cheaper mask (see LoRADropout)
             for key, drop in getattr(module, "lora_dropout", {}).items():
                 if type(drop) is nn.Dropout:

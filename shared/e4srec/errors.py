@@ -13,3 +13,8 @@ class E4SRecError(Exception):
 
     def __init__(self, message: str) -> None:
         super().__init__(" ".join(message.split()))
+
+
+class Stopped(BaseException):
+    """SIGTERM arrived: raised where the process is, like Ctrl-C's KeyboardInterrupt, so that a
+    stage's staged output is deleted on the way out instead of left as a partial folder."""

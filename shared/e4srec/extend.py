@@ -14,6 +14,7 @@ New items file: Parquet with `item_id` (string, not already in the model) and `e
 
 from __future__ import annotations
 
+import math
 import shutil
 from pathlib import Path
 
@@ -21,13 +22,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from e4srec import contracts as c
 from e4srec.errors import E4SRecError
 from e4srec.outputs import staged_output
 from e4srec.stages import pretrain_sasrec
 from e4srec.stages import train_e4srec as stage
+from e4srec.trained import read_config
 
 
 def read_new_items(path: Path, dim: int, known: set[str]) -> tuple[list[str], torch.Tensor]:
@@ -41,15 +43,23 @@ def read_new_items(path: Path, dim: int, known: set[str]) -> tuple[list[str], to
     for col in ("item_id", "embedding"):
         if col not in table.column_names:
             raise E4SRecError(f"{path}: missing column {col!r} (has {', '.join(table.column_names)})")
-    ids = [str(x) for x in table.column("item_id").to_pylist()]
+    raw_ids = table.column("item_id").to_pylist()
     vectors = table.column("embedding").to_pylist()
     seen: set[str] = set()
-    for row, (item, vec) in enumerate(zip(ids, vectors)):
+    for row, (raw, vec) in enumerate(zip(raw_ids, vectors)):
+        item = "" if raw is None else str(raw).strip()
+        if not item:
+            raise E4SRecError(f"{path} row {row}: item_id is {'null' if raw is None else 'empty'}; every new item needs an id")
         if item in known or item in seen:
             raise E4SRecError(f"{path} row {row}: item {item!r} is already in the model; new items only")
-        if vec is None or len(vec) != dim:
-            raise E4SRecError(f"{path} row {row}: embedding of length {0 if vec is None else len(vec)}, expected {dim}")
+        if not isinstance(vec, list) or len(vec) != dim:
+            length = len(vec) if isinstance(vec, list) else 0
+            raise E4SRecError(f"{path} row {row}: embedding of length {length}, expected a list of {dim} numbers")
+        if not all(isinstance(x, (int, float)) and math.isfinite(x) for x in vec):
+            raise E4SRecError(f"{path} row {row}: embedding of item {item!r} holds a null, NaN or infinite value; "
+                              f"every value must be a finite number")
         seen.add(item)
+    ids = [str(x).strip() for x in raw_ids]
     if not ids:
         raise E4SRecError(f"{path}: no rows")
     return ids, torch.tensor(np.asarray(vectors, dtype=np.float32))
@@ -68,13 +78,16 @@ def extend_items(model_dir: Path | str, new_items: Path | str, output: Path | st
     from e4srec.outputs import preflight
     from e4srec.storage import fetch
 
-    preflight(output, overwrite)
+    preflight(output, overwrite, {"--model": model_dir, "--new-items": new_items})
     model_dir, new_items = Path(fetch(model_dir)), Path(fetch(new_items))
-    meta = c.read_json(model_dir / stage.CONFIG)
+    kind, meta = read_config(model_dir)
+    if kind != "e4srec":
+        raise E4SRecError(f"{model_dir}: a SASRec model; extend-items adds items to a train-e4srec output (a "
+                          f"SASRec learns its items from its data: re-run pretrain-sasrec)")
     table = pretrain_sasrec.load_item_embeddings(model_dir, meta["item_map_sha256"])  # (N+1, d)
     old_ids = pq.read_table(model_dir / c.ITEM_MAP).column("item_id").to_pylist()
     ids, vectors = read_new_items(new_items, table.shape[1], set(old_ids))
-    head = load_file(str(model_dir / stage.HEAD))
+    head = c.read_safetensors(model_dir / stage.HEAD)
     new_head = fit_head_rows(table[1:], head["head.weight"][1:], vectors)
     all_ids = old_ids + ids
     new_hash = c.item_map_hash(all_ids)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shlex
 import shutil
 import sys
 import uuid
@@ -37,11 +39,13 @@ def run_local(input_path: Path | str, instructions: Path | str | None, pipeline_
     absolute here so that every task writes to the same file.
     """
     from e4srec_pipelines import create_pipeline
+    from e4srec_pipelines.pipeline import check_arguments
     from e4srec_pipelines.submit import RUN_RECORD
 
     from e4srec.evaluate import format_table
     from e4srec.storage import is_s3
 
+    check_arguments(params)  # every setting checked before anything runs or any folder is made
     if not is_s3(input_path):  # s3:// URIs go to the tasks as they are
         input_path = Path(input_path).resolve()
         if not input_path.is_file():
@@ -102,9 +106,12 @@ def run_local(input_path: Path | str, instructions: Path | str | None, pipeline_
             path = "" if shutil.which("uvicorn") else f"PATH={bin_dir}:$PATH "
             print(f"  champion:        version {champion.version} ({kind}); serve it with")
             print(f"    {path}MLFLOW_TRACKING_URI={os.environ['MLFLOW_TRACKING_URI']} {registry.serve_command(name)}")
-            print("    curl -s 127.0.0.1:5001/invocations -H 'Content-Type: application/json' "
-                  "-d '{\"dataframe_records\": [{\"history\": [\"1\", \"2\"], \"k\": 5}]}'")
-            print(f"  or:              e4srec recommend --model models:/{name}@champion --history 1 2 --k 5")
+            data = c.load_sequence_data(outputs["data"].path)
+            example = [str(data.item_ids[i]) for i in data.sequence(0)[-2:]]  # real ids: a user's last two items
+            records = json.dumps({"dataframe_records": [{"history": example, "k": 5}]})
+            print(f"    curl -s 127.0.0.1:5001/invocations -H 'Content-Type: application/json' -d '{records}'")
+            print(f"  or:              e4srec recommend --model models:/{name}@champion --history "
+                  f"{' '.join(shlex.quote(i) for i in example)} --k 5")
     uri = os.environ["MLFLOW_TRACKING_URI"]
     beside = Path(sys.executable).parent / "mlflow"  # the venv's mlflow, when .venv is not activated
     mlflow_cmd = str(beside) if beside.exists() and not shutil.which("mlflow") else "mlflow"

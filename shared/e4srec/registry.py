@@ -11,10 +11,15 @@ str over REST: they are compared as strings.
 
 from __future__ import annotations
 
+import fcntl
 import getpass
+import hashlib
 import json
 import os
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -69,12 +74,14 @@ def requirements(kind: str) -> list[str]:
 
 
 def signature() -> Any:
-    """Request: history (list of item ids), k; response: items, scores, unknown_items."""
+    """Request: history (list of item ids, strings or integers: the model checks them), k; response: items,
+    scores, unknown_items. `history` is typed Any because MLflow's schema check cannot say "strings or
+    integers" and would refuse `[1, 2]` with a message about numpy dtypes."""
     from mlflow.models import ModelSignature
-    from mlflow.types.schema import Array, ColSpec, DataType, Schema
+    from mlflow.types.schema import AnyType, Array, ColSpec, DataType, Schema
 
     return ModelSignature(
-        inputs=Schema([ColSpec(Array(DataType.string), "history"), ColSpec(DataType.long, "k", required=False)]),
+        inputs=Schema([ColSpec(AnyType(), "history"), ColSpec(DataType.long, "k", required=False)]),
         outputs=Schema([ColSpec(Array(DataType.string), "items"), ColSpec(Array(DataType.double), "scores"),
                         ColSpec(Array(DataType.string), "unknown_items")]),
     )
@@ -142,9 +149,14 @@ def log_and_register(model_dir: Path, name: str, example_history: list[str], tag
 
 def download(name: str, alias: str) -> tuple[Path, str | None]:
     """Fetch `models:/NAME@ALIAS`: (the logged model folder, the backbone spec that loads its logged copy)."""
+    return download_uri(f"models:/{name}@{alias}")
+
+
+def download_uri(uri: str) -> tuple[Path, str | None]:
+    """Fetch a registered model (`models:/NAME@ALIAS` or `models:/NAME/VERSION`): (the logged model
+    folder, the backbone spec that loads its logged copy, None for a SASRec or an unlogged backbone)."""
     import mlflow
 
-    uri = f"models:/{name}@{alias}"
     try:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
     except Exception as e:  # noqa: BLE001 (MlflowException, or the artifact store's own errors)
@@ -164,14 +176,15 @@ def version_for(name: str, alias: str) -> Any | None:
 
 
 def move_alias(name: str, alias: str, to_version: str, reason: str, metrics: dict[str, float] | None = None, *,
-               forced: bool = False) -> dict:
-    """Point `alias` at `to_version` and record the move on that version (`forced`: against or without the gate)."""
+               forced: bool = False, rollback: bool = False) -> dict:
+    """Point `alias` at `to_version` and record the move on that version (`forced`: against or without the
+    gate; `rollback`: undoing the move that made the current version champion)."""
     mc = client()
     previous = version_for(name, alias)
     mc.set_registered_model_alias(name, alias, str(to_version))
     move = {"alias": alias, "to": str(to_version), "from": str(previous.version) if previous else None,
             "who": os.environ.get("E4SREC_ACTOR") or getpass.getuser(), "when": time.time(), "reason": reason,
-            "metrics": metrics or {}, "forced": forced}
+            "metrics": metrics or {}, "forced": forced, "rollback": rollback}
     mc.set_model_version_tag(name, str(to_version), f"{MOVE_TAG}{int(move['when'] * 1000)}", json.dumps(move))
     return move
 
@@ -202,21 +215,63 @@ def item_map_of(name: str, version_: str) -> str:
     return client().get_model_version(name, str(version_)).tags.get("item_map_sha256", "")
 
 
-def promote(name: str, *, to_version: str | None = None, rollback: bool = False, force: bool = False) -> dict:
-    """Move `champion`: to a version, to the current challenger (default), or back (`rollback`)."""
-    mc = client()
+def champions(name: str) -> list[str]:
+    """The champion versions in the order they were crowned, rollbacks undone: the last is the current
+    champion, the one before it is where a rollback goes (1 -> 3 -> 2, rollback, rollback: 3, then 1)."""
+    stack: list[str] = []
+    for move in alias_history(name, CHAMPION):
+        if move.get("rollback") and len(stack) >= 2 and stack[-1] == move["from"] and stack[-2] == move["to"]:
+            stack.pop()
+        elif not stack or stack[-1] != move["to"]:
+            stack.append(move["to"])
+    return stack
+
+
+def check_exists(name: str) -> None:
+    """One line when there is no registered model of this name."""
     try:
-        mc.get_registered_model(name)
-    except Exception:  # noqa: BLE001 (MlflowException: not found)
-        raise E4SRecError(f"registered model {name!r} not found at {os.environ.get('MLFLOW_TRACKING_URI', 'sqlite:///mlflow.db')}") from None
+        client().get_registered_model(name)
+    except Exception:  # noqa: BLE001 (MlflowException: not found, or the store's own error)
+        raise E4SRecError(f"{name}: no registered model of that name at "
+                          f"{os.environ.get('MLFLOW_TRACKING_URI', 'sqlite:///mlflow.db')}; deploy registers it") from None
+
+
+@contextmanager
+def alias_lock(name: str) -> Iterator[None]:
+    """Serialise alias moves of one registered model (read the champion, move it, record the move) among
+    the processes of this machine, so that two promotions at once leave an alias and a history that
+    agree. MLflow has no compare-and-set on aliases: processes on different machines sharing one
+    tracking server are not serialised by this."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
+    key = hashlib.sha256(f"{uri}|{name}".encode()).hexdigest()[:16]
+    with open(Path(tempfile.gettempdir()) / f"e4srec-aliases-{key}.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def promote(name: str, *, to_version: str | None = None, rollback: bool = False, force: bool = False) -> dict:
+    """Move `champion`: to a version, to the current challenger (default), or back (`rollback`) along the
+    recorded history. A version the gate never chose as its run's candidate needs `force`."""
+    with alias_lock(name):
+        return _promote(name, to_version, rollback, force)
+
+
+def _promote(name: str, to_version: str | None, rollback: bool, force: bool) -> dict:
+    mc = client()
+    check_exists(name)
     current = version_for(name, CHAMPION)
     if rollback:
         if current is None:
             raise E4SRecError(f"{name}: no champion to roll back")
-        earlier = [m for m in alias_history(name, CHAMPION) if m["to"] != str(current.version)]
+        earlier = [v for v in champions(name)[:-1] if v != str(current.version)]
         if not earlier:
             raise E4SRecError(f"{name}: version {current.version} is the only champion there has been; nothing to roll back to")
-        target, reason = earlier[-1]["to"], f"rollback from version {current.version}"
+        target = earlier[-1]
+        return move_alias(name, CHAMPION, target, f"rollback from version {current.version}", forced=force,
+                          rollback=True)
     elif to_version:
         target, reason = str(to_version), "manual promotion"
     else:
@@ -225,7 +280,7 @@ def promote(name: str, *, to_version: str | None = None, rollback: bool = False,
             raise E4SRecError(f"{name}: no challenger; name a version with --version")
         target, reason = str(challenger.version), "manual promotion of the challenger"
     try:
-        mc.get_model_version(name, target)
+        tags = mc.get_model_version(name, target).tags or {}
     except Exception:  # noqa: BLE001
         raise E4SRecError(f"{name}: version {target} does not exist") from None
     if current is not None and str(current.version) == target:
@@ -233,6 +288,9 @@ def promote(name: str, *, to_version: str | None = None, rollback: bool = False,
     if current is not None and not force and item_map_of(name, target) != item_map_of(name, str(current.version)):
         raise E4SRecError(f"{name}: version {target} was trained on another item map than champion version "
                           f"{current.version}; clients' item ids may not carry over. Pass --force to promote anyway")
+    if tags.get("gate") != "candidate" and target not in champions(name) and not force:
+        raise E4SRecError(f"{name}: version {target} was never chosen by the gate nor champion before (gate: "
+                          f"{tags.get('gate', 'none')}); pass --force to promote it anyway, recorded as forced")
     return move_alias(name, CHAMPION, target, reason, forced=force)
 
 

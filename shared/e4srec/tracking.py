@@ -18,7 +18,9 @@ metrics.json keeps the '@'.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -36,14 +38,30 @@ def mlflow_key(name: str) -> str:
 
 
 class Tracker:
-    """Logging calls a stage makes; a disabled tracker accepts and drops them all."""
+    """Logging calls a stage makes; a disabled tracker accepts and drops them all.
+
+    Tracking never costs a stage its work: when the tracking server stops answering (after MLflow's own
+    retries), the tracker says so once on stderr and drops every later call; the stage's outputs are
+    written as usual and the MLflow run is left as the server last saw it.
+    """
 
     def __init__(self, run_id: str | None = None) -> None:
         self.run_id = run_id
+        self.lost: str | None = None  # why tracking stopped, once it has
 
     @property
     def enabled(self) -> bool:
-        return self.run_id is not None
+        return self.run_id is not None and self.lost is None
+
+    def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> None:
+        if not self.enabled:
+            return
+        try:
+            fn(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 (MlflowException, requests' and the artifact store's errors)
+            self.lost = " ".join(str(e).split())[:200]
+            print(f"warning: MLflow tracking stopped at {what} ({self.lost}); the stage goes on and writes its "
+                  f"outputs, but its MLflow run ends here", file=sys.stderr, flush=True)
 
     def log_params(self, params: dict[str, Any], prefix: str = "") -> None:
         """Log flat params (nested dicts flattened with '.')."""
@@ -61,7 +79,7 @@ class Tracker:
                     flat[mlflow_key(f"{p}{k}")] = str(v)[:6000]
 
         walk(params, prefix)
-        mlflow.log_params(flat)
+        self._call("log_params", mlflow.log_params, flat)
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         """Log numeric metrics (non-finite values are skipped: MLflow cannot chart them)."""
@@ -73,28 +91,21 @@ class Tracker:
 
         clean = {mlflow_key(k): float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
         if clean:
-            mlflow.log_metrics(clean, step=step)
+            self._call("log_metrics", mlflow.log_metrics, clean, step=step)
 
     def log_artifacts(self, folder: Path, artifact_path: str | None = None) -> None:
         """Upload a folder's files as run artifacts."""
         if self.enabled:
             import mlflow
 
-            mlflow.log_artifacts(str(folder), artifact_path)
+            self._call("log_artifacts", mlflow.log_artifacts, str(folder), artifact_path)
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         """Upload one file as a run artifact."""
         if self.enabled:
             import mlflow
 
-            mlflow.log_artifact(str(path), artifact_path)
-
-    def set_tags(self, tags: dict[str, str]) -> None:
-        """Set run tags."""
-        if self.enabled:
-            import mlflow
-
-            mlflow.set_tags(tags)
+            self._call("log_artifact", mlflow.log_artifact, str(path), artifact_path)
 
 
 def _experiment_id(client: Any, name: str) -> str:
@@ -247,17 +258,28 @@ def stage_run(
             if attempt == 2 or not pipeline_run_id:
                 raise
     status = "FAILED"
+    tracker = Tracker(run.info.run_id)
     try:
-        yield Tracker(run.info.run_id)
+        yield tracker
         status = "FINISHED"
     finally:
-        mlflow.end_run(status)
-        if parent:  # settle again: a stage that started at the same moment may have made a parent too
-            parent, _ = _settle_parent(client, experiment_id, pipeline_run_id, pipeline_run_name, created)
-            if created and created != parent:
-                _retire(client, experiment_id, created, parent)
-            client.set_tag(run.info.run_id, "mlflow.parentRunId", parent)
-            client.set_terminated(parent, status)
+        if tracker.lost is not None:  # the server went away mid-stage: one try to close the run, no retries
+            saved = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES")
+            os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+            with contextlib.suppress(Exception):
+                mlflow.end_run(status)
+            if saved is None:
+                os.environ.pop("MLFLOW_HTTP_REQUEST_MAX_RETRIES")
+            else:
+                os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = saved
+        else:
+            mlflow.end_run(status)
+            if parent:  # settle again: a stage that started at the same moment may have made a parent too
+                parent, _ = _settle_parent(client, experiment_id, pipeline_run_id, pipeline_run_name, created)
+                if created and created != parent:
+                    _retire(client, experiment_id, created, parent)
+                client.set_tag(run.info.run_id, "mlflow.parentRunId", parent)
+                client.set_terminated(parent, status)
 
 
 def figure_to_artifact(tracker: Tracker, fig: Any, name: str, out_dir: Path | None = None) -> None:

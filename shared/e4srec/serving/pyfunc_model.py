@@ -1,11 +1,13 @@
 """MLflow models-from-code entry: this file is logged with the model and executed at load time.
 
-Input (DataFrame records): `history` (list of original item ids, oldest first) and `k` (int).
+Input (DataFrame records): `history` (list of original item ids, oldest first; strings or integers) and `k` (int).
 Output, one row per request: `items` (top-k original ids, best first), `scores`, `unknown_items`
 (ids the model does not know; they were dropped). A malformed or oversized request (more than
 MAX_RECORDS users, a history over MAX_HISTORY items) is an MLflow BAD_REQUEST error, which the
 scoring server answers with HTTP 400 and a one-line message. The same file serves E4SRec and SASRec.
 """
+
+import numbers
 
 import mlflow
 import pandas as pd
@@ -69,6 +71,10 @@ class E4SRecPyfunc(mlflow.pyfunc.PythonModel):
             if len(value) > MAX_HISTORY:
                 raise RequestError(f"request {i}: history of {len(value)} items; at most {MAX_HISTORY} (the model "
                                    f"reads the last {self.recommender.max_len})")
+            bad = next((x for x in value if isinstance(x, bool) or not isinstance(x, (str, numbers.Integral))), None)
+            if bad is not None:
+                raise RequestError(f"request {i}: item ids are strings or integers, got {bad!r:.40} "
+                                   f"({type(bad).__name__})")
             histories.append([str(x) for x in value])
         ks = model_input["k"].tolist() if "k" in model_input.columns else [10] * len(histories)
         try:

@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -22,6 +23,7 @@ from e4srec.progress import progress as progress_bar
 from e4srec.recommend import Recommender
 from e4srec.storage import fetch
 from e4srec.tracking import Tracker, stage_run
+from e4srec.trained import read_config
 
 STAGE = "batch-recommend"
 OUTPUT = "recommendations.parquet"
@@ -37,6 +39,7 @@ class BatchRecommendConfig:
     device: str = cfg.option("auto", "cpu, cuda, cuda:N or auto")
 
     def __post_init__(self) -> None:
+        cfg.check_choices(self)
         for name in ("k", "batch_size"):
             cfg.require(getattr(self, name) >= 1, self, name, "must be >= 1")
         cfg.require(self.max_users >= 0, self, "max_users", "must be >= 0")
@@ -48,23 +51,34 @@ def run(config: BatchRecommendConfig, model_dir: Path | str, data_dir: Path | st
     from e4srec.device import resolve_device
 
     tracker = tracker or Tracker(None)
-    preflight(output, overwrite)
+    registered = str(model_dir).startswith("models:/")
+    preflight(output, overwrite, {"--data": data_dir} | ({} if registered else {"--model": model_dir}))
     data = c.load_sequence_data(fetch(data_dir))
+    backbone = None
+    if registered:  # the registered model's own files: its folder and, for an E4SRec, its logged backbone
+        from e4srec import registry
+
+        model_dir, backbone = registry.download_uri(str(model_dir))
     model_dir = fetch(model_dir)
-    meta = c.read_json(Path(model_dir) / "config.json")
+    _, meta = read_config(model_dir)
     if meta.get("item_map_sha256") != data.item_map_sha256 and "extended_from" not in meta:
         raise E4SRecError(f"{model_dir}: trained on another item map than {data_dir}; recommend for its own data")
-    recommender = Recommender(model_dir, str(resolve_device(config.device)))
+    recommender = Recommender(model_dir, str(resolve_device(config.device)), backbone=backbone)
     n = min(data.n_users, config.max_users or data.n_users)
     t0 = time.perf_counter()
-    users, items, scores = [], [], []
+    # Users in order of history length, as the evaluator scores them: a batch is padded to its longest
+    # history, so mixing lengths costs up to max_len positions per user; results go back in user order.
+    lengths = np.array([min(len(data.sequence(u)), recommender.max_len) for u in range(n)])
+    order = np.argsort(lengths, kind="stable")
+    found: list = [None] * n
     for s in progress_bar(range(0, n, config.batch_size), desc=STAGE, unit="batch", disable=not progress):
-        rows = range(s, min(s + config.batch_size, n))
-        histories = [[str(data.item_ids[i]) for i in data.sequence(u)] for u in rows]
+        rows = order[s : s + config.batch_size]
+        histories = [[str(data.item_ids[i]) for i in data.sequence(u)[-recommender.max_len:]] for u in rows]
         for u, rec in zip(rows, recommender.recommend(histories, config.k, batch_size=config.batch_size)):
-            users.append(str(data.user_ids[u]))
-            items.append(rec.items)
-            scores.append(rec.scores)
+            found[u] = rec
+    users = [str(data.user_ids[u]) for u in range(n)]
+    items = [rec.items for rec in found]
+    scores = [rec.scores for rec in found]
     seconds = time.perf_counter() - t0
     metrics = {"batch/users": float(n), "batch/seconds": seconds, "batch/users_per_second": n / max(seconds, 1e-9)}
     with staged_output(output, overwrite) as out:
@@ -81,6 +95,8 @@ def run_tracked(config: BatchRecommendConfig, model_dir: Path | str, data_dir: P
                 overwrite: bool = False, tracking: bool = True, experiment: str = "e4srec",
                 pipeline_run_id: str = "", pipeline_run_name: str = "") -> dict[str, float]:
     """`run` inside the stage's MLflow run."""
+    # before the MLflow run: a refused output leaves no FAILED run behind
+    preflight(output, overwrite, {"--data": data_dir} | ({} if str(model_dir).startswith("models:/") else {"--model": model_dir}))
     with stage_run(STAGE, enabled=tracking, experiment=experiment, pipeline_run_id=pipeline_run_id,
                    pipeline_run_name=pipeline_run_name) as tracker:
         return run(config, model_dir, data_dir, output, overwrite=overwrite, tracker=tracker)

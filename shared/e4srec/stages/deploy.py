@@ -149,9 +149,11 @@ def _register(name: str, folders: dict[str, Path], data: c.SequenceData, config:
                 mc.set_model_version_tag(name, versions[kind], mlflow_key(key), value)
         chosen = versions[decision["candidate"]]
         value = {config.metric: scores[decision["candidate"]]}
-        registry.move_alias(name, registry.CHALLENGER, chosen, "the run's candidate, registered by deploy", value)
-        if apply and decision["promote"]:
-            registry.move_alias(name, registry.CHAMPION, chosen, decision["reason"], value, forced=decision["forced"])
+        with registry.alias_lock(name):
+            registry.move_alias(name, registry.CHALLENGER, chosen, "the run's candidate, registered by deploy", value)
+            if apply and decision["promote"]:
+                registry.move_alias(name, registry.CHAMPION, chosen, decision["reason"], value,
+                                    forced=decision["forced"])
     except BaseException:
         _undo(name, existed, before, versions)
         raise
@@ -179,7 +181,7 @@ def run(config: DeployConfig, model_dir: Path | str, sasrec_dir: Path | str, dat
     tracker = tracker or Tracker(None)
     if not tracker.enabled:
         raise E4SRecError("deploy registers models in MLflow; run it with tracking on (drop --no-tracking)")
-    preflight(output, overwrite)
+    preflight(output, overwrite, {"--model": model_dir, "--sasrec": sasrec_dir, "--data": data_dir})
     folders = {"e4srec": Path(fetch(model_dir)), "sasrec": Path(fetch(sasrec_dir))}
     data = c.load_sequence_data(fetch(data_dir))
     for kind, folder in folders.items():
@@ -231,6 +233,8 @@ def run_tracked(config: DeployConfig, model_dir: Path | str, sasrec_dir: Path | 
                 experiment: str = "e4srec", pipeline_run_id: str = "", pipeline_run_name: str = ""
                 ) -> tuple[dict[str, float], dict]:
     """`run` inside the stage's MLflow run (the models are logged into it)."""
+    # before the MLflow run: a refused output leaves no FAILED run behind
+    preflight(output, overwrite, {"--model": model_dir, "--sasrec": sasrec_dir, "--data": data_dir})
     with stage_run(STAGE, enabled=tracking, experiment=experiment, pipeline_run_id=pipeline_run_id,
                    pipeline_run_name=pipeline_run_name) as tracker:
         return run(config, model_dir, sasrec_dir, data_dir, output, apply=apply, overwrite=overwrite, tracker=tracker)

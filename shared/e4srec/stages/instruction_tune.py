@@ -27,7 +27,7 @@ import torch
 from e4srec import config as cfg
 from e4srec import contracts as c
 from e4srec import instructions as ins
-from e4srec.backbones import Backbone, BackboneOptions, load_backbone
+from e4srec.backbones import Backbone, BackboneOptions, check_local, load_backbone
 from e4srec.device import resolve_device
 from e4srec.errors import E4SRecError
 from e4srec.outputs import preflight, staged_output
@@ -77,6 +77,7 @@ class InstructionTuneConfig(BackboneOptions):
         for name in ("holdout", "max_examples", "generations", "max_new_tokens", "threads"):
             cfg.require(getattr(self, name) >= 0, self, name, "must be >= 0")
         cfg.require(self.lr > 0, self, "lr", "must be > 0")
+        cfg.require(self.weight_decay >= 0, self, "weight_decay", "must be >= 0")
         cfg.require(0 <= self.warmup_ratio < 1, self, "warmup_ratio", "must be in [0, 1)")
         cfg.require(0 <= self.lora_dropout < 1, self, "lora_dropout", "must be in [0, 1)")
         cfg.require(bool(self.modules()), self, "target_modules", "name at least one module")
@@ -238,7 +239,8 @@ def run(config: InstructionTuneConfig, instructions: Path | str | None, output: 
         overwrite: bool = False, tracker: Tracker | None = None, progress: bool = True) -> dict[str, float]:
     """Tune (or pass through) the backbone and write the stage's folder into `output`."""
     tracker = tracker or Tracker(None)
-    preflight(output, overwrite)
+    preflight(output, overwrite, {"--instructions": instructions, "--backbone": config.backbone.split(":", 1)[-1]})
+    check_local(config.backbone)
     tracker.log_params(cfg.to_dict(config))
     if config.skip:
         metrics = {"instruct/skipped": 1.0}
@@ -258,6 +260,11 @@ def run(config: InstructionTuneConfig, instructions: Path | str | None, output: 
     device = resolve_device(config.device)
     t0 = time.perf_counter()
     backbone = load_backbone(config, device)
+    leaves = {name.rsplit(".", 1)[-1] for name, _ in backbone.model.named_modules()}
+    missing = [m for m in config.modules() if m not in leaves]
+    if missing:  # now, not after the held-out pass
+        raise E4SRecError(f"InstructionTuneConfig.target_modules={config.target_modules!r}: {missing[0]!r} is not a "
+                          f"module of {config.backbone} (it has e.g. {', '.join(sorted(leaves - {''})[:8])})")
     tok = backbone.tokenizer
     train_set = ins.encode(train_examples, tok, config.max_length)
     held_set = ins.encode(held, tok, config.max_length)
@@ -312,6 +319,8 @@ def run_tracked(config: InstructionTuneConfig, instructions: Path | str | None, 
                 overwrite: bool = False, tracking: bool = True, experiment: str = "e4srec",
                 pipeline_run_id: str = "", pipeline_run_name: str = "", progress: bool = True) -> dict[str, float]:
     """`run` inside the stage's MLflow run (nested under the pipeline run when ids are given)."""
+    # before the MLflow run: a refused output leaves no FAILED run behind
+    preflight(output, overwrite, {"--instructions": instructions, "--backbone": config.backbone.split(":", 1)[-1]})
     with stage_run(STAGE, enabled=tracking, experiment=experiment, pipeline_run_id=pipeline_run_id,
                    pipeline_run_name=pipeline_run_name) as tracker:
         return run(config, instructions, output, overwrite=overwrite, tracker=tracker, progress=progress)

@@ -62,8 +62,10 @@ def run(config: PrepareDataConfig, input_path: Path | str, output: Path | str, *
         tracker: Tracker | None = None) -> dict[str, float]:
     """Read `input_path`, write the prepare-data contract into `output`, return its metrics."""
     tracker = tracker or Tracker(None)
-    preflight(output, overwrite)
+    preflight(output, overwrite, {"--input": input_path})
     input_path = Path(fetch(input_path))
+    if input_path.is_dir():
+        raise E4SRecError(f"{input_path}: is a folder; --input takes a file (S3-Rec .txt, .csv, .tsv or .parquet)")
     if not input_path.is_file():
         raise E4SRecError(f"{input_path}: input file not found")
     t0 = time.perf_counter()
@@ -147,6 +149,8 @@ def run_tracked(config: PrepareDataConfig, input_path: Path | str, output: Path 
                 tracking: bool = True, experiment: str = "e4srec", pipeline_run_id: str = "",
                 pipeline_run_name: str = "") -> dict[str, float]:
     """`run` inside the stage's MLflow run (nested under the pipeline run when ids are given)."""
+    # before the MLflow run: a refused output leaves no FAILED run behind
+    preflight(output, overwrite, {"--input": input_path})
     with stage_run(STAGE, enabled=tracking, experiment=experiment, pipeline_run_id=pipeline_run_id,
                    pipeline_run_name=pipeline_run_name) as tracker:
         return run(config, input_path, output, overwrite=overwrite, tracker=tracker)

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import safe_open, save_file
 
 from e4srec import config as cfg
 from e4srec import contracts as c
@@ -79,6 +79,7 @@ class PretrainSasrecConfig:
                      "eval_batch_size"):
             cfg.require(getattr(self, name) >= 1, self, name, "must be >= 1")
         cfg.require(self.lr > 0, self, "lr", "must be > 0")
+        cfg.require(self.weight_decay >= 0, self, "weight_decay", "must be >= 0")
         cfg.require(0 <= self.dropout < 1, self, "dropout", "must be in [0, 1)")
         cfg.require(self.dim % self.n_heads == 0, self, "dim", f"must be divisible by n_heads={self.n_heads}")
         cfg.require(self.threads >= 0, self, "threads", "must be >= 0")
@@ -96,6 +97,14 @@ class Batches:
         self.device = device
         self.rng = np.random.default_rng(config.seed)
         self.gen = torch.Generator(device=device).manual_seed(config.seed)
+        if config.loss == "bce":  # a user who touched every item leaves no negative to draw
+            ordered = np.sort(matrix, axis=1)
+            distinct = ((ordered[:, 1:] != ordered[:, :-1]) & (ordered[:, 1:] > 0)).sum(1) + (ordered[:, 0] > 0)
+            full = np.flatnonzero(distinct >= n_items)
+            if len(full):
+                raise E4SRecError(f"{c.SEQUENCES} row {int(full[0])}: the user's training history holds all "
+                                  f"{n_items} items, so BCE has no negative item to sample ({len(full)} such users); "
+                                  f"use --loss ce or a dataset with more items")
 
     def __len__(self) -> int:
         return -(-len(self.users) // self.config.batch_size)
@@ -198,6 +207,13 @@ def load_item_embeddings(path: Path | str, expected_item_map_sha256: str) -> tor
         raise E4SRecError(f"{path}: not a readable safetensors embedding table ({e})") from None
     c.check_item_map_hash(meta.get("item_map_sha256"), expected_item_map_sha256, str(path),
                           "re-run pretrain-sasrec on this data")
+    if table.ndim != 2 or not table.is_floating_point():
+        raise E4SRecError(f"{path}: {EMBEDDINGS_KEY} is a {tuple(table.shape)} {table.dtype} tensor, not a "
+                          f"(items + 1, dim) float table; point at a pretrain-sasrec output")
+    bad = (~torch.isfinite(table)).any(1).nonzero().flatten()
+    if len(bad):
+        raise E4SRecError(f"{path}: row {int(bad[0])} of {EMBEDDINGS_KEY} is not finite (NaN or inf; {len(bad)} rows "
+                          f"in all); re-run pretrain-sasrec")
     return table
 
 
@@ -211,8 +227,18 @@ def load_model(model_dir: Path | str, data: c.SequenceData | None = None) -> SAS
         if meta["model"]["max_len"] != data.max_len:
             raise E4SRecError(f"{model_dir / CONFIG}: max_len {meta['model']['max_len']} differs from the data's "
                               f"{data.max_len}; re-run pretrain-sasrec on this data")
-    model = SASRec(SASRecConfig(**meta["model"]))
-    model.load_state_dict(load_file(str(model_dir / WEIGHTS)))
+    try:
+        model = SASRec(SASRecConfig(**meta["model"]))
+    except (TypeError, ValueError, KeyError) as e:
+        raise E4SRecError(f"{model_dir / CONFIG}: field 'model' is not a SASRec configuration ({e}); "
+                          f"point at a pretrain-sasrec output") from None
+    weights = c.read_safetensors(model_dir / WEIGHTS)
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        first = str(e).split("\n")[1].strip() if "\n" in str(e) else str(e)
+        raise E4SRecError(f"{model_dir / WEIGHTS}: does not fit the model its config.json describes ({first}); "
+                          f"point at a pretrain-sasrec output") from None
     return model.eval()
 
 
@@ -220,7 +246,7 @@ def run(config: PretrainSasrecConfig, data_dir: Path | str, output: Path | str, 
         tracker: Tracker | None = None, progress: bool = True) -> dict[str, float]:
     """Train on `data_dir` (a prepare-data output), write the stage's artifacts to `output`."""
     tracker = tracker or Tracker(None)
-    preflight(output, overwrite)
+    preflight(output, overwrite, {"--data": data_dir})
     data = c.load_sequence_data(fetch(data_dir))
     with staged_output(output, overwrite) as out:
         tracker.log_params(cfg.to_dict(config))
@@ -252,7 +278,9 @@ def run(config: PretrainSasrecConfig, data_dir: Path | str, output: Path | str, 
         c.write_json(out / "metrics_by_length.json", by_length)
         (out / "training_log.json").write_text(json.dumps(log, indent=1) + "\n")
 
-        tracker.log_metrics(metrics)
+        # At the last epoch's step: MLflow shows a metric's value at its largest step, so valid/* in the
+        # runs table is the best epoch's (the model kept), not the last epoch's.
+        tracker.log_metrics(metrics, step=len(log))
         from e4srec import (
             plots,  # matplotlib only where plots are made (GPU benches lack it)
         )
@@ -269,6 +297,8 @@ def run_tracked(config: PretrainSasrecConfig, data_dir: Path | str, output: Path
                 tracking: bool = True, experiment: str = "e4srec", pipeline_run_id: str = "",
                 pipeline_run_name: str = "", progress: bool = True) -> dict[str, float]:
     """`run` inside the stage's MLflow run (nested under the pipeline run when ids are given)."""
+    # before the MLflow run: a refused output leaves no FAILED run behind
+    preflight(output, overwrite, {"--data": data_dir})
     with stage_run(STAGE, enabled=tracking, experiment=experiment, pipeline_run_id=pipeline_run_id,
                    pipeline_run_name=pipeline_run_name) as tracker:
         return run(config, data_dir, output, overwrite=overwrite, tracker=tracker, progress=progress)

@@ -18,10 +18,12 @@ from typing import Any
 
 from e4srec import contracts as c
 from e4srec import published
+from e4srec.errors import E4SRecError
 from e4srec.evaluate import DEFAULT_LENGTH_EDGES, METRICS, PROTOCOLS, length_group_labels
 from e4srec.outputs import preflight, staged_output
 from e4srec.storage import fetch
 from e4srec.tracking import Tracker, stage_run
+from e4srec.trained import LABELS, read_config
 
 STAGE = "report"
 PAGE = "report.html"
@@ -101,8 +103,6 @@ def _by_length(groups: dict[str, dict[str, dict[str, float]]], metric: str = "ND
 
 def _gate_table(verdict: dict) -> str:
     """The three scores the gate compared, on the same users, with the registered versions."""
-    from e4srec.trained import LABELS
-
     rows = [(f"this run's {LABELS[kind]}", verdict["versions"].get(kind, ""), verdict["scores"][kind])
             for kind in ("e4srec", "sasrec") if kind in verdict.get("scores", {})]
     if verdict.get("champion_version"):
@@ -122,14 +122,23 @@ def run(data_dir: Path | str, sasrec_dir: Path | str, e4srec_dir: Path | str, ou
     from e4srec import plots
 
     tracker = tracker or Tracker(None)
-    preflight(output, overwrite)
+    preflight(output, overwrite, {"--data": data_dir, "--sasrec": sasrec_dir, "--e4srec": e4srec_dir})
     sasrec_dir, e4srec_dir = Path(fetch(sasrec_dir)), Path(fetch(e4srec_dir))
-    manifest = c.read_json(Path(fetch(data_dir)) / c.MANIFEST)
-    verdict_dir = fetch(verdict_dir)
+    manifest_path = Path(fetch(data_dir)) / c.MANIFEST
+    manifest = c.read_json_object(manifest_path, c.MANIFEST_FIELDS | {"input": dict, "n_interactions": int},
+                                  "point --data at a prepare-data output")
+    for folder, expected in ((sasrec_dir, "sasrec"), (e4srec_dir, "e4srec")):  # one run's artifacts, one item map
+        kind, meta = read_config(folder)
+        if kind != expected:
+            raise E4SRecError(f"{folder}: a {LABELS[kind]} model where the {LABELS[expected]} model belongs; pass "
+                              f"pretrain-sasrec's output as --sasrec and train-e4srec's as --e4srec")
+        c.check_item_map_hash(meta.get("item_map_sha256"), manifest["item_map_sha256"], str(folder / "config.json"),
+                              "report on the models and the data of one run")
     sasrec, e4srec = c.read_json(sasrec_dir / c.METRICS), c.read_json(e4srec_dir / c.METRICS)
     rows = {"SASRec": sasrec, "E4SRec": e4srec} | published.for_dataset(manifest["input"]["name"])
-    verdict_path = Path(verdict_dir) / "verdict.json" if verdict_dir else None
-    verdict = c.read_json(verdict_path) if verdict_path and verdict_path.is_file() else {}
+    verdict = {}
+    if verdict_dir:
+        verdict = c.read_json(Path(fetch(verdict_dir)) / "verdict.json")  # named, so it must be there
     sections = []
     with staged_output(output, overwrite) as out:
         dataset = html.escape(manifest["input"]["name"])
@@ -183,6 +192,8 @@ def run_tracked(data_dir: Path | str, sasrec_dir: Path | str, e4srec_dir: Path |
                 verdict_dir: Path | str | None = None, overwrite: bool = False, tracking: bool = True,
                 experiment: str = "e4srec", pipeline_run_id: str = "", pipeline_run_name: str = "") -> dict[str, float]:
     """`run` inside the stage's MLflow run (the page is logged under artifacts/report)."""
+    # before the MLflow run: a refused output leaves no FAILED run behind
+    preflight(output, overwrite, {"--data": data_dir, "--sasrec": sasrec_dir, "--e4srec": e4srec_dir})
     with stage_run(STAGE, enabled=tracking, experiment=experiment, pipeline_run_id=pipeline_run_id,
                    pipeline_run_name=pipeline_run_name) as tracker:
         return run(data_dir, sasrec_dir, e4srec_dir, output, verdict_dir=verdict_dir, overwrite=overwrite,

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from e4srec import config as cfg
 from e4srec import contracts as c
@@ -42,7 +42,7 @@ from e4srec.device import resolve_device
 from e4srec.e4srec import E4SRec, E4SRecConfig
 from e4srec.errors import E4SRecError
 from e4srec.evaluate import evaluate
-from e4srec.outputs import preflight, staged_output
+from e4srec.outputs import check_apart, check_writable_place, hidden_sibling, preflight, staged_output
 from e4srec.progress import progress as progress_bar
 from e4srec.prompt import PromptOptions, recommendation_prefix
 from e4srec.stages import instruction_tune, pretrain_sasrec
@@ -106,6 +106,10 @@ class TrainE4SRecConfig(PromptOptions):
         cfg.require(0 < self.lr < math.inf, self, "lr", "must be a finite number > 0")
         cfg.require(0 <= self.lora_dropout < 1, self, "lora_dropout", "must be in [0, 1)")
         cfg.require(0 <= self.warmup_ratio < 1, self, "warmup_ratio", "must be in [0, 1)")
+        cfg.require(self.weight_decay >= 0, self, "weight_decay", "must be >= 0")
+        cfg.require(self.max_grad_norm > 0, self, "max_grad_norm", "must be > 0")
+        cfg.require(any(m.strip() for m in self.target_modules.split(",")), self, "target_modules",
+                    "name at least one module")
 
 
 def build_examples(data: c.SequenceData, max_targets: int) -> tuple[np.ndarray, np.ndarray]:
@@ -168,22 +172,46 @@ def build_model(config: TrainE4SRecConfig, backbone: Backbone, table: torch.Tens
 
 
 class Checkpoints:
-    """Resumable state without pickles: safetensors for tensors, JSON for counters and logs."""
+    """Resumable state without pickles: safetensors for tensors, JSON for counters and logs.
+
+    The folder is train-e4srec's own (its MARKER file says so): a folder holding anything else is
+    refused before any work, and only a folder of ours is ever replaced or deleted.
+    """
+
+    MARKER = "e4srec-checkpoint.json"
 
     def __init__(self, root: Path, rank: int) -> None:
         self.root, self.rank = root, rank
+        self.users_folder = root.is_dir() and not (root / self.MARKER).is_file()  # an empty folder the user made
+
+    def check(self, inputs: dict[str, Path | str], output: Path | str) -> None:
+        """Refuse, before any work, a checkpoint folder that is not ours or that overlaps the run's paths."""
+        check_apart(self.root, {**inputs, "--output": output}, what="checkpoint folder")
+        if self.root.exists() and not self.root.is_dir():
+            raise E4SRecError(f"checkpoint folder {self.root}: is a file; give --checkpoint-dir a new or empty folder")
+        if self.root.is_dir() and any(self.root.iterdir()) and not (self.root / self.MARKER).is_file():
+            raise E4SRecError(f"checkpoint folder {self.root}: holds files that are not train-e4srec checkpoints "
+                              f"(no {self.MARKER}); give --checkpoint-dir a new or empty folder")
+        if not self.root.exists():
+            check_writable_place(self.root, "--checkpoint-dir")
 
     def exists(self) -> bool:
-        return (self.root / "progress.json").is_file()
+        return (self.root / self.MARKER).is_file() and (self.root / "progress.json").is_file()
+
+    def remove(self) -> None:
+        """Delete the checkpoints once the model is published (a folder the user made stays, empty)."""
+        if (self.root / self.MARKER).is_file():
+            shutil.rmtree(self.root, ignore_errors=True)
+            if self.users_folder:
+                self.root.mkdir(exist_ok=True)
 
     def save(self, model: E4SRec, optimizer: torch.optim.Optimizer, progress: dict[str, Any]) -> None:
         rng = {"cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state()
         if self.rank == 0:
-            tmp = self.root.with_name(self.root.name + ".tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
+            tmp = hidden_sibling(self.root, "partial")
+            c.write_json(tmp / self.MARKER, {"stage": STAGE, "format": 1})
             save_file({k: v.detach().cpu().contiguous() for k, v in model.trainable_state().items()},
                       str(tmp / "trainable.safetensors"))
             state = optimizer.state_dict()
@@ -193,10 +221,9 @@ class Checkpoints:
             for f in self.root.glob("rng-rank*.safetensors") if self.root.exists() else []:
                 shutil.copy(f, tmp / f.name)
             save_file(rng, str(tmp / "rng-rank0.safetensors"))
-            old = self.root.with_name(self.root.name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
-            if self.root.exists():
-                self.root.rename(old)
+            old = hidden_sibling(self.root, "old")
+            if self.root.exists():  # ours (checked before training) or empty
+                self.root.rename(old / "x")
             tmp.rename(self.root)  # the switch is one rename: a kill leaves the old or the new checkpoint
             shutil.rmtree(old, ignore_errors=True)
         if dist.is_initialized():
@@ -206,21 +233,33 @@ class Checkpoints:
             dist.barrier()
 
     def load(self, model: E4SRec, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-        trainable = load_file(str(self.root / "trainable.safetensors"))
+        try:
+            return self._load(model, optimizer)
+        except (KeyError, ValueError, RuntimeError, TypeError) as e:
+            raise E4SRecError(f"checkpoint folder {self.root}: does not fit this run ({type(e).__name__}: "
+                              f"{' '.join(str(e).split())[:160]}); it is corrupt or from other settings: delete "
+                              f"it, or run without --resume") from None
+
+    def _load(self, model: E4SRec, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        trainable = c.read_safetensors(self.root / "trainable.safetensors")
         with torch.no_grad():
             for name, p in model.trainable_state().items():
                 p.copy_(trainable[name])
-        tensors = load_file(str(self.root / "optimizer.safetensors"))
+        tensors = c.read_safetensors(self.root / "optimizer.safetensors")
         state = optimizer.state_dict()
         for key, value in tensors.items():
             i, name = key.split(".", 1)
             state["state"].setdefault(int(i), {})[name] = value
         optimizer.load_state_dict(state)
-        rng = load_file(str(self.root / f"rng-rank{self.rank}.safetensors"))
+        rng = c.read_safetensors(self.root / f"rng-rank{self.rank}.safetensors")
         torch.set_rng_state(rng["cpu"])
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"])
-        return c.read_json(self.root / "progress.json")
+        progress = c.read_json(self.root / "progress.json")
+        for key in ("epoch", "batch", "step", "log"):
+            if key not in progress:
+                raise KeyError(f"progress.json has no {key!r}")
+        return progress
 
 
 class NonFiniteLoss(E4SRecError):
@@ -352,8 +391,11 @@ def run(config: TrainE4SRecConfig, data_dir: Path | str, sasrec_dir: Path | str,
     rank, world = _distributed()
     if rank:
         tracker = Tracker(None)
+    inputs = {"--data": data_dir, "--sasrec": sasrec_dir, "--llm": llm}
     if rank == 0:
-        preflight(output, overwrite)
+        preflight(output, overwrite, inputs)
+        if config.checkpoint_every or config.resume:
+            Checkpoints(checkpoint_root(config, output), rank).check(inputs, output)
     data = c.load_sequence_data(fetch(data_dir))
     table = pretrain_sasrec.load_item_embeddings(fetch(sasrec_dir), data.item_map_sha256)
     if config.threads:
@@ -368,8 +410,7 @@ def run(config: TrainE4SRecConfig, data_dir: Path | str, sasrec_dir: Path | str,
     keep = seeded_subset(len(targets), config.max_examples, config.seed)
     if keep is not None:
         histories, targets = histories[keep], targets[keep]
-    ckpt_root = checkpoint_root(config, output)
-    checkpoints = Checkpoints(ckpt_root, rank) if config.checkpoint_every or config.resume else None
+    checkpoints = Checkpoints(checkpoint_root(config, output), rank) if config.checkpoint_every or config.resume else None
     tracker.log_params(cfg.to_dict(config) | {"backbone": descriptor["backbone"], "examples": len(targets),
                                                "backbone_dtype": DTYPE_NAMES[str(backbone_dtype(model))],
                                                "world_size": world, "item_map_sha256": data.item_map_sha256})
@@ -412,7 +453,7 @@ def run(config: TrainE4SRecConfig, data_dir: Path | str, sasrec_dir: Path | str,
         for name in (CONFIG, c.METRICS, "metrics_by_length.json", "training_log.json"):
             tracker.log_artifact(out / name)
     if checkpoints is not None:
-        shutil.rmtree(ckpt_root, ignore_errors=True)  # done: a later --resume starts afresh
+        checkpoints.remove()  # done: a later --resume starts afresh
     if world > 1:
         dist.barrier()
     return metrics
@@ -449,11 +490,18 @@ def load_model(model_dir: Path | str, device: torch.device | str = "cpu", dtype:
     recorded spec with another source of the same weights (a registered model's logged copy); its
     architecture must match the recorded fingerprint.
     """
+    model_dir = Path(fetch(model_dir))
+    try:
+        return _load_model(model_dir, torch.device(device), dtype, backbone)
+    except (KeyError, TypeError, RuntimeError) as e:
+        raise E4SRecError(f"{model_dir}: not a train-e4srec model folder that this version reads ({type(e).__name__}: "
+                          f"{' '.join(str(e).split())[:160]}); re-run train-e4srec or point at its output") from None
+
+
+def _load_model(model_dir: Path, device: torch.device, dtype: str | None, backbone: str | None) -> E4SRec:
     from peft import set_peft_model_state_dict
 
-    model_dir = Path(fetch(model_dir))
     meta = c.read_json(model_dir / CONFIG)
-    device = torch.device(device)
     options = {k: meta["llm"][k] for k in LLM_FIELDS}
     overrides = ({"dtype": dtype} if dtype else {}) | ({"backbone": backbone} if backbone else {})
     loaded = load_backbone(BackboneOptions(**(options | overrides)), device)
@@ -470,8 +518,8 @@ def load_model(model_dir: Path | str, device: torch.device | str = "cpu", dtype:
     table = pretrain_sasrec.load_item_embeddings(model_dir, meta["item_map_sha256"])
     train_config = TrainE4SRecConfig(**meta["train"])
     model = build_model(train_config, backbone, table, meta["model"]["n_items"], meta["model"]["max_len"])
-    set_peft_model_state_dict(model.llm, load_file(str(model_dir / ADAPTER / "adapter_model.safetensors")))
-    head = load_file(str(model_dir / HEAD))
+    set_peft_model_state_dict(model.llm, c.read_safetensors(model_dir / ADAPTER / "adapter_model.safetensors"))
+    head = c.read_safetensors(model_dir / HEAD)
     with torch.no_grad():
         model.proj.weight.copy_(head["proj.weight"])
         model.proj.bias.copy_(head["proj.bias"])
@@ -515,6 +563,8 @@ def run_tracked(config: TrainE4SRecConfig, data_dir: Path | str, sasrec_dir: Pat
                 output: Path | str, *, overwrite: bool = False, tracking: bool = True, experiment: str = "e4srec",
                 pipeline_run_id: str = "", pipeline_run_name: str = "", progress: bool = True) -> dict[str, float]:
     """`run` inside the stage's MLflow run (rank 0 only under torchrun)."""
+    # before the MLflow run: a refused output leaves no FAILED run behind
+    preflight(output, overwrite, {"--data": data_dir, "--sasrec": sasrec_dir, "--llm": llm})
     enabled = tracking and int(os.environ.get("RANK", "0")) == 0
     with stage_run(STAGE, enabled=enabled, experiment=experiment, pipeline_run_id=pipeline_run_id,
                    pipeline_run_name=pipeline_run_name) as tracker:

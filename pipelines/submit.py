@@ -227,6 +227,7 @@ class EarlierRun:
     recorded: bool = True  # False: a local run folder without pipeline_run.json (the pipeline's defaults apply)
     folder: Path | None = None  # a local run
     api_run: dict[str, Any] | None = None  # a cluster run, as the KFP API's GET /apis/v2beta1/runs/{id} returns it
+    run_id: str = ""  # the pipeline run id its MLflow parent run is tagged with
 
     def locate(self, task_glob: str, output: str) -> str:
         """The URI of a task's output in this run."""
@@ -329,14 +330,15 @@ def earlier_run(run: str, *, host: str | None = None, token: str | None = None, 
                                   f"--input-override") from None
         spec = (spec or {}).get("pipeline_spec", spec)  # with a platform spec, the pipeline spec is one level down
         params = (api_run.get("runtime_config") or {}).get("parameters") or {}
-        return EarlierRun(run, params, spec, api_run=api_run)
+        return EarlierRun(run, params, spec, api_run=api_run, run_id=run)
     folder = Path(run)
     if not folder.is_dir():
         raise E4SRecError(f"{run}: no such run folder; pass a local run (runs/e4srec-...) or, with --host, a "
                           f"Kubeflow run id")
     record = folder / RUN_RECORD
-    params = json.loads(record.read_text())["parameters"] if record.is_file() else {}
-    return EarlierRun(folder.name, params, _compiled_spec("local"), recorded=record.is_file(), folder=folder)
+    saved = json.loads(record.read_text()) if record.is_file() else {}
+    return EarlierRun(folder.name, saved.get("parameters", {}), _compiled_spec("local"), recorded=record.is_file(),
+                      folder=folder, run_id=saved.get("run_id", ""))
 
 
 def _compiled_spec(profile: str) -> dict[str, Any]:

@@ -353,7 +353,8 @@ CASES: list[Case] = [
         {"user_id": ["u", "u"], "item_id": ["a", "b"], "timestamp": [1.0, float("inf")]}))),
      ["row 1, column 'timestamp'", "not a finite"]),
     # prepare-data options
-    ("prep-max-len-0", prep(lambda w: w.raw, "--max-len", "0"), ["max_len=0", "must be >= 1"]),
+    ("prep-max-len-0", prep(lambda w: w.raw, "--max-len", "0"), ["max_len=0", "must be in [1, 4096]"]),
+    ("prep-max-len-huge", prep(lambda w: w.raw, "--max-len", "100000000"), ["max_len=100000000", "[1, 4096]"]),
     ("prep-kcore-negative", prep(lambda w: w.raw, "--k-core", "-1"), ["k_core=-1"]),
     ("prep-negatives-0", prep(lambda w: w.raw, "--n-negatives", "0"), ["n_negatives=0"]),
     ("prep-seed-negative", prep(lambda w: w.raw, "--seed", "-1"), ["seed=-1", "[0, 2**32)"]),
@@ -526,6 +527,8 @@ CASES: list[Case] = [
     ("recommend-k-0", recommend("--k", "0", "--history", "1"), ["k"]),
     ("recommend-k-negative", recommend("--k", "-3", "--history", "1"), ["k"]),
     ("recommend-model-missing", recommend(model=lambda w: w.tmp / "gone"), ["gone"]),
+    ("recommend-item-map-shuffled", recommend("--history", "1", model=lambda w: shuffled_item_map(w, w.sasrec)),
+     ["item_map.parquet", "item-map hash", "was changed"]),
     ("recommend-unknown-registered-model", recommend(model=lambda w: "models:/no-such-model@champion"),
      ["no-such-model"]),
     ("recommend-bad-model-uri", recommend(model=lambda w: "models:/"), ["models:/"]),
@@ -555,8 +558,8 @@ CASES: list[Case] = [
 ]
 
 
-def shuffled_item_map(w: Work) -> Path:
-    d = w.copy(w.data, "shuffled")
+def shuffled_item_map(w: Work, folder: Path | None = None) -> Path:
+    d = w.copy(folder or w.data, "shuffled")
     table = pq.read_table(d / c.ITEM_MAP)
     ids = table.column("item_id").to_pylist()
     ids[0], ids[1] = ids[1], ids[0]

@@ -27,10 +27,18 @@ def pipeline_run(tmp_path: Path, raw: Path, *args: str) -> dict:
     result = e4srec("run", "--input", raw, "--pipeline-root", tmp_path / "runs", "--sasrec-epochs", "2",
                     "--backbone", "tiny", "--e4srec-batch-size", "32", *GATE, *args, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    run_dir = max((tmp_path / "runs").glob("e4srec-*"))
+    run_dir = max((tmp_path / "runs").glob("e4srec-2*"))
     verdict = c.read_json(run_dir / "deploy" / "verdict" / "verdict.json")
     assert f"gate (800 users): {'PROMOTE' if verdict['promote'] else 'hold'}" in result.stdout
     return verdict
+
+
+def rerun_deploy(tmp_path: Path, run_dir: Path) -> dict:
+    """`e4srec rerun deploy` on an earlier run's outputs (the same models scored again); returns the verdict."""
+    result = e4srec("rerun", "deploy", "--from", run_dir, "--pipeline-root", tmp_path / "runs", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rerun_dir = max((tmp_path / "runs").glob("e4srec-rerun-deploy-*"))
+    return c.read_json(rerun_dir / "deploy" / "verdict" / "verdict.json")
 
 
 def champion() -> str:
@@ -45,6 +53,7 @@ def test_gate_over_four_runs_then_rollback_and_history(tmp_path: Path, beauty_sl
     # close to its SASRec (its item head starts from the SASRec table): the two score close, and on this
     # machine SASRec wins (0.0498 against 0.0491), so which one wins is read, not assumed.
     r1 = pipeline_run(tmp_path, beauty_slice, *WEAK)
+    run1 = max((tmp_path / "runs").glob("e4srec-2*"))
     first = "e4srec" if r1["scores"]["e4srec"] > r1["scores"]["sasrec"] else "sasrec"
     assert r1["versions"] == {"e4srec": "1", "sasrec": "2"} and r1["candidate"] == first and r1["promote"], r1
     assert champion() == r1["versions"][first] and "no champion yet" in r1["reason"]
@@ -53,18 +62,20 @@ def test_gate_over_four_runs_then_rollback_and_history(tmp_path: Path, beauty_sl
     label = {"e4srec": "E4SRec", "sasrec": "SASRec"}[first]
     # run 2, better: a trained E4SRec beats its SASRec (the same, retrained with the same seed) and the champion
     r2 = pipeline_run(tmp_path, beauty_slice, *STRONG)
+    run2 = max((tmp_path / "runs").glob("e4srec-2*"))
     assert r2["scores"]["sasrec"] == r1["scores"]["sasrec"] and r2["champion_value"] == best, r2
     assert r2["scores"]["e4srec"] > best and r2["candidate"] == "e4srec" and r2["promote"], r2
     assert r2["champion_kind"] == first and champion() == "3"
     for needle in (f"E4SRec {r2['scores']['e4srec']:.5f}", f"SASRec {r2['scores']['sasrec']:.5f}",
                    f"champion v{r1['versions'][first]} ({label}) {best:.5f}", "E4SRec beats the champion"):
         assert needle in r2["reason"], r2["reason"]
-    # run 3, worse: weak again; its candidate does not beat the E4SRec champion
-    r3 = pipeline_run(tmp_path, beauty_slice, *WEAK)
+    # run 3, worse: run 1's models deployed again (`rerun deploy`, which promotes as the pipeline does when the
+    # gate approves); its candidate does not beat the E4SRec champion
+    r3 = rerun_deploy(tmp_path, run1)
     assert r3["scores"] == r1["scores"] and r3["champion_value"] == r2["scores"]["e4srec"] and not r3["promote"], r3
     assert champion() == "3" and str(registry.version_for(NAME, "challenger").version) == r3["challenger_version"]
-    # run 4, equal: run 2 again (same seed, same settings) scores exactly the champion's value: equal does not beat
-    r4 = pipeline_run(tmp_path, beauty_slice, *STRONG)
+    # run 4, equal: run 2's models again score exactly the champion's value: equal does not beat
+    r4 = rerun_deploy(tmp_path, run2)
     assert r4["scores"]["e4srec"] == r4["champion_value"] and not r4["promote"], r4
     assert "E4SRec does not beat the champion" in r4["reason"] and champion() == "3"
 
@@ -82,6 +93,13 @@ def test_gate_over_four_runs_then_rollback_and_history(tmp_path: Path, beauty_sl
     listed = e4srec("promote", NAME, "--history")
     assert listed.returncode == 0 and len(listed.stdout.strip().splitlines()) == 7  # 4 challenger + 3 champion
     print(listed.stdout)  # pytest -s shows the alias history
+    runs = e4srec("runs")  # the four pipeline runs, newest first, with their verdicts and registered versions
+    assert runs.returncode == 0, runs.stderr
+    rows = [line.split() for line in runs.stdout.splitlines()[1:] if line[:4].isdigit()]
+    assert [row[2] for row in rows] == ["FINISHED"] * 4 and [row[6] for row in rows] == ["hold", "hold", "promote",
+                                                                                            "promote"], runs.stdout
+    assert [row[7].startswith("rerun-deploy-of-") for row in rows] == [True, True, False, False], runs.stdout
+    assert f"{NAME} v{was} {first} (champion)" in runs.stdout and f"{NAME} v3 e4srec" in runs.stdout, runs.stdout
     kinds = {v.version: v.tags["kind"] for v in registry.client().search_model_versions(f"name = '{NAME}'")}
     assert {str(k): v for k, v in kinds.items()} == {str(i): ("e4srec" if i % 2 else "sasrec") for i in range(1, 9)}
 

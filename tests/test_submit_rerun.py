@@ -146,5 +146,13 @@ def test_rerun_deploy_moves_the_champion_as_the_pipeline_does(tiny_run: tuple[Pa
     assert champion is not None
     (move,) = registry.alias_history("e4srec-rerun", registry.CHAMPION)
     assert move["to"] == str(champion.version) and "no champion yet" in move["reason"]
+    import mlflow  # the rerun is a pipeline run of its own, linked to the run it came from
+
+    source = c.read_json(run_dir / "pipeline_run.json")["run_id"]
+    (parent,) = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                                   filter_string=f"tags.`e4srec.rerun_of` = '{source}'")
+    children = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert [r.info.run_name for r in children] == ["deploy"] and parent.info.run_name.startswith("rerun-deploy-of-")
     unknown = e4srec("rerun", "deploy", "--from", run_dir, "--input-override", "sasrek=/x", cwd=cwd)
     assert unknown.returncode == 1 and "deploy has no input 'sasrek'" in unknown.stderr

@@ -204,7 +204,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     params = {k: getattr(args, k) for k in args.pipeline_params}
     return run_local(input_path=args.input, instructions=args.instructions, pipeline_root=args.pipeline_root,
-                     params=params)
+                     params=params, verbose=args.verbose)
 
 
 def _auth_args(p: argparse.ArgumentParser) -> None:
@@ -255,9 +255,43 @@ def cmd_rerun(args: argparse.Namespace) -> int:
                         experiment=args.kfp_experiment, run_name=args.run_name, token=args.token, cookie=args.cookie)
         print(f"submitted rerun of {args.stage}: run {result.id}")
         return 0
+    import time
+    import uuid
+
     from e4srec.local import run_one_stage
 
-    return run_one_stage(pipeline, args.pipeline_root)
+    # A rerun is a pipeline run of its own in MLflow (a parent run with the stage nested), linked to its source.
+    os.environ["E4SREC_PIPELINE_RUN_ID"] = str(uuid.uuid4())
+    os.environ["E4SREC_PIPELINE_RUN_NAME"] = f"rerun-{args.stage}-of-{run.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    os.environ["E4SREC_RERUN_OF"] = run.run_id or run.name
+    return run_one_stage(pipeline, args.pipeline_root, verbose=args.verbose)
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from e4srec.tracking import check_server, pipeline_runs
+
+    check_server()
+    rows = pipeline_runs(args.experiment, args.limit)
+    if not rows:
+        print(f"no pipeline runs in experiment {args.experiment!r} at "
+              f"{os.environ.get('MLFLOW_TRACKING_URI', 'sqlite:///mlflow.db')}")
+        return 0
+
+    def metric(m: dict, key: str) -> str:
+        return f"{m[key]:.4f}" if key in m else "-"
+
+    print(f"{'started':16}  {'status':8}  {'users':>6}  {'SASRec':>7}  {'E4SRec':>7}  {'gate':7}  pipeline run "
+          f"(test/full/NDCG@10; registered versions and their aliases now)")
+    for r in rows:
+        m = r["metrics"]
+        users = f"{int(m['prepare-data/data/users']):,}" if "prepare-data/data/users" in m else "-"
+        gate = {1.0: "promote", 0.0: "hold"}.get(m.get("deploy/deploy/promote"), "-")
+        name = r["name"] + (f" (rerun of {r['rerun_of'][:12]})" if r["rerun_of"] else "")
+        print(f"{r['started']:16}  {r['status']:8}  {users:>6}  {metric(m, 'pretrain-sasrec/test/full/NDCG_at_10'):>7}  "
+              f"{metric(m, 'train-e4srec/test/full/NDCG_at_10'):>7}  {gate:7}  {name}")
+        for version in r["registered"]:
+            print(f"{'':56}{version}")
+    return 0
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
@@ -411,6 +445,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--instructions", type=str, default=Path("data/instructions.json"),
                    help="Alpaca-format data for instruction-tune")
     p.add_argument("--pipeline-root", type=Path, default=Path("runs"), help="where task outputs land")
+    p.add_argument("--verbose", action="store_true", help="show the tasks' whole output (KFP executor input, "
+                                                          "library warnings, tracebacks)")
     from e4srec_pipelines import pipeline_parameters
 
     names = []
@@ -466,8 +502,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", help="local (run here; the default), cluster (the default with --host), or a "
                                       "profile YAML")
     p.add_argument("--pipeline-root", type=Path, default=Path("runs"), help="where a local rerun's outputs land")
+    p.add_argument("--verbose", action="store_true", help="show the task's whole output (a local rerun)")
     _auth_args(p)
     p.set_defaults(func=cmd_rerun)
+
+    p = sub.add_parser("runs", help="list the latest pipeline runs tracked in MLflow", formatter_class=fmt,
+                       description="The pipeline runs of an MLflow experiment, newest first: when, status, users, "
+                                   "SASRec and E4SRec test NDCG@10, the gate's verdict, reruns and the model "
+                                   "versions each registered (with their aliases now).")
+    p.add_argument("--experiment", default="e4srec", help="MLflow experiment name")
+    p.add_argument("--limit", type=int, default=20, help="how many runs")
+    p.set_defaults(func=cmd_runs)
 
     p = sub.add_parser("compile", help="compile the pipeline to KFP IR YAML", formatter_class=fmt,
                        description="Write the Kubeflow Pipelines spec that `kfp` clients and the UI upload.")

@@ -14,6 +14,7 @@ from typing import Any
 
 from e4srec import contracts as c
 from e4srec.errors import E4SRecError
+from e4srec.tasklog import quiet_task_output
 
 
 def _init_kfp_local(pipeline_root: Path | str) -> Path:
@@ -31,7 +32,7 @@ def _init_kfp_local(pipeline_root: Path | str) -> Path:
 
 
 def run_local(input_path: Path | str, instructions: Path | str | None, pipeline_root: Path | str,
-              params: dict[str, Any]) -> int:
+              params: dict[str, Any], verbose: bool = False) -> int:
     """Run `create_pipeline()` with kfp.local's SubprocessRunner in this Python environment.
 
     Every task runs as a subprocess of this interpreter (use_venv=False), so the installed e4srec is
@@ -64,7 +65,8 @@ def run_local(input_path: Path | str, instructions: Path | str | None, pipeline_
     before = set(root.iterdir())
     arguments = dict(input_uri=str(input_path), instructions_uri=instructions_uri, **params)
     try:
-        task = create_pipeline("local")(**arguments)
+        with quiet_task_output(verbose) as task_output:
+            task = create_pipeline("local")(**arguments)
     finally:  # the run's parameters beside its outputs, for `e4srec rerun` (also after a failure)
         for folder in sorted(set(root.iterdir()) - before)[-1:]:
             c.write_json(folder / RUN_RECORD, {"run_id": os.environ["E4SREC_PIPELINE_RUN_ID"], "parameters": arguments})
@@ -72,7 +74,8 @@ def run_local(input_path: Path | str, instructions: Path | str | None, pipeline_
     sasrec = Path(outputs["sasrec"].path) if "sasrec" in outputs else None
     e4srec = Path(outputs["e4srec"].path) if "e4srec" in outputs else None
     if sasrec is None or e4srec is None or not (e4srec / c.METRICS).is_file():
-        raise E4SRecError(f"the pipeline failed; the failing task's log is above (task outputs under {root})")
+        why = f": {task_output.last_error}" if task_output.last_error else "; the failing task's log is above"
+        raise E4SRecError(f"the pipeline failed{why} (task outputs under {root})")
     data = Path(outputs["data"].path)
     print()
     e4srec_metrics = c.read_json(e4srec / c.METRICS)
@@ -120,15 +123,27 @@ def run_local(input_path: Path | str, instructions: Path | str | None, pipeline_
     return 0
 
 
-def run_one_stage(pipeline: Any, pipeline_root: Path | str) -> int:
+def run_one_stage(pipeline: Any, pipeline_root: Path | str, verbose: bool = False) -> int:
     """Run a one-stage (rerun) pipeline through kfp.local and say where its outputs are."""
     root = _init_kfp_local(pipeline_root)
     before = set(root.iterdir())
-    pipeline()
+    with quiet_task_output(verbose) as task_output:
+        pipeline()
     new = sorted(set(root.iterdir()) - before)
-    if not new or not any(new[-1].rglob("executor_output.json")):
-        raise E4SRecError(f"the rerun failed; its log is above (outputs under {root})")
+    if not new or not any(new[-1].rglob("executor_output.json")) or task_output.last_error:
+        why = f": {task_output.last_error}" if task_output.last_error else "; its log is above"
+        raise E4SRecError(f"the rerun failed{why} (outputs under {root})")
+    from e4srec.evaluate import format_table
+
+    tables = {f.parent.parent.name: c.read_json(f) for f in sorted(new[-1].glob("*/*/" + c.METRICS))}
+    ranked = {name: m for name, m in tables.items() if any(k.startswith("test/") for k in m)}
+    if ranked:  # a model stage: the same table `e4srec run` ends with
+        print()
+        print(format_table(ranked))
     print(f"\nRerun outputs:     {new[-1]}")
     for item in sorted(p for p in new[-1].iterdir() if p.is_dir()):
         print(f"  {item.name}: {', '.join(sorted(x.name for x in item.iterdir()))}")
+    if os.environ.get("E4SREC_RERUN_OF"):
+        print(f"MLflow:            a pipeline run named {os.environ.get('E4SREC_PIPELINE_RUN_NAME', '')!r} in "
+              f"{os.environ.get('MLFLOW_TRACKING_URI')}, tagged e4srec.rerun_of={os.environ['E4SREC_RERUN_OF']}")
     return 0

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 PIPELINE_RUN_TAG = "e4srec.pipeline_run_id"
+RERUN_TAG = "e4srec.rerun_of"  # on a rerun's parent run: the pipeline run id whose outputs it reran on
 STAGE_TAG = "e4srec.stage"
 DEFAULT_EXPERIMENT = "e4srec"
 
@@ -142,9 +143,11 @@ def _settle_parent(client: Any, experiment_id: str, pipeline_run_id: str, pipeli
     found = _parents(client, experiment_id, pipeline_run_id)
     if not found:
         if created is None:
+            tags = {PIPELINE_RUN_TAG: pipeline_run_id, "kfp.run_name": pipeline_run_name}
+            if os.environ.get("E4SREC_RERUN_OF"):
+                tags[RERUN_TAG] = os.environ["E4SREC_RERUN_OF"]
             created = client.create_run(experiment_id, run_name=pipeline_run_name or f"pipeline-{pipeline_run_id}",
-                                        tags={PIPELINE_RUN_TAG: pipeline_run_id, "kfp.run_name": pipeline_run_name}
-                                        ).info.run_id
+                                        tags=tags).info.run_id
         found = _parents(client, experiment_id, pipeline_run_id) or [client.get_run(created)]
     winner = min(found, key=lambda r: r.info.run_id)
     if pipeline_run_name and not winner.data.tags.get("kfp.run_name"):  # made by a stage that had no name
@@ -279,7 +282,27 @@ def stage_run(
                 if created and created != parent:
                     _retire(client, experiment_id, created, parent)
                 client.set_tag(run.info.run_id, "mlflow.parentRunId", parent)
+                if status == "FINISHED":
+                    _summarise_on_parent(client, run.info.run_id, parent, stage)
                 client.set_terminated(parent, status)
+
+
+# A stage's metrics that the pipeline run's parent carries too, as STAGE/KEY, so that MLflow's runs
+# table (and `e4srec runs`) compares pipeline runs without opening them.
+PARENT_METRICS = ("test/full/HR_at_10", "test/full/NDCG_at_10", "valid/full/NDCG_at_10", "data/users", "data/items",
+                  "train/examples", "deploy/promote")
+
+
+def _summarise_on_parent(client: Any, run_id: str, parent: str, stage: str) -> None:
+    import time
+
+    from mlflow.entities import Metric
+
+    metrics = client.get_run(run_id).data.metrics
+    now = int(time.time() * 1000)
+    picked = [Metric(f"{stage}/{k}", float(metrics[k]), now, 0) for k in PARENT_METRICS if k in metrics]
+    if picked:
+        client.log_batch(parent, metrics=picked)
 
 
 def figure_to_artifact(tracker: Tracker, fig: Any, name: str, out_dir: Path | None = None) -> None:
@@ -294,3 +317,37 @@ def figure_to_artifact(tracker: Tracker, fig: Any, name: str, out_dir: Path | No
             fig.savefig(path, dpi=110, bbox_inches="tight")
             tracker.log_artifact(path, "plots")
     plt.close(fig)
+
+
+def pipeline_runs(experiment: str = DEFAULT_EXPERIMENT, limit: int = 20) -> list[dict[str, Any]]:
+    """The latest pipeline runs of an experiment (their parent runs), newest first: name, start, status,
+    the metrics the stages summarised on them, what they reran, and the model versions they registered
+    (with the aliases those carry now)."""
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return []
+    parents = client.search_runs([found.experiment_id], filter_string=f"tags.`{PIPELINE_RUN_TAG}` != ''",
+                                 order_by=["attributes.start_time DESC"], max_results=limit)
+    versions: dict[str, list[str]] = {}
+    aliases_of: dict[tuple[str, str], list[str]] = {}  # search results carry no aliases: the models do
+    for model in client.search_registered_models(max_results=1000):
+        for alias, version in (model.aliases or {}).items():
+            aliases_of.setdefault((model.name, str(version)), []).append(alias)
+    for mv in client.search_model_versions(max_results=10000):
+        run_id = (mv.tags or {}).get("pipeline_run_id")
+        if run_id:
+            found_aliases = sorted(aliases_of.get((mv.name, str(mv.version)), []))
+            aliases = f" ({', '.join(found_aliases)})" if found_aliases else ""
+            versions.setdefault(run_id, []).append(f"{mv.name} v{mv.version} {mv.tags.get('kind', '?')}{aliases}")
+    rows = []
+    for r in parents:
+        tags = r.data.tags
+        rows.append({"name": r.info.run_name, "started": time.strftime("%Y-%m-%d %H:%M", time.localtime(
+            r.info.start_time / 1000)), "status": r.info.status, "metrics": dict(r.data.metrics),
+            "rerun_of": tags.get(RERUN_TAG, ""), "registered": versions.get(tags.get(PIPELINE_RUN_TAG, ""), [])})
+    return rows

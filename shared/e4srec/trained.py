@@ -70,4 +70,7 @@ def load(folder: Path | str, device: torch.device | str = "cpu", dtype: str | No
         max_len = sasrec.config.max_len
         score, model = sasrec.score_all_items, sasrec
     ids = ["<pad>"] + [str(x) for x in pq.read_table(folder / c.ITEM_MAP).column("item_id").to_pylist()]
+    # the ids it answers with must be the ones it was trained on (or extended with)
+    c.check_item_map_hash(c.item_map_hash(ids[1:]), str(meta.get("item_map_sha256", "")), str(folder / c.ITEM_MAP),
+                          "the model folder's item_map.parquet was changed; restore it from the stage's output")
     return TrainedModel(kind, folder, ids, int(max_len), str(meta.get("item_map_sha256", "")), score, model)

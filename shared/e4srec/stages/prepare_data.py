@@ -21,6 +21,9 @@ from e4srec.tracking import Tracker, figure_to_artifact, stage_run
 STAGE = "prepare-data"
 
 
+MAX_LEN_LIMIT = 4096
+
+
 @dataclass
 class PrepareDataConfig:
     """Settings of prepare-data (CLI flags, KFP parameters and manifest.json share them)."""
@@ -40,7 +43,8 @@ class PrepareDataConfig:
     def __post_init__(self) -> None:
         cfg.check_choices(self)
         cfg.require(self.k_core >= 0, self, "k_core", "must be >= 0")
-        cfg.require(self.max_len >= 1, self, "max_len", "must be >= 1")
+        cfg.require(1 <= self.max_len <= MAX_LEN_LIMIT, self, "max_len", f"must be in [1, {MAX_LEN_LIMIT}] (every "
+                    f"model attends over max_len positions: SASRec's table and E4SRec's prompt grow with it)")
         cfg.require(self.n_negatives >= 1, self, "n_negatives", "must be >= 1")
 
 

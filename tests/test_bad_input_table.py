@@ -155,14 +155,15 @@ def sasrec(data: Callable[[Work], Path], *extra: str) -> Callable[[Work], tuple[
 
 
 def train(*extra: str, data: Callable[[Work], Path] | None = None, table: Callable[[Work], Path] | None = None,
-          llm: str = "tiny") -> Callable[[Work], tuple[list, Path, list[Path]]]:
+          llm: str | Callable[[Work], Path] = "tiny") -> Callable[[Work], tuple[list, Path, list[Path]]]:
     def build(w: Work) -> tuple[list, Path, list[Path]]:
         d = data(w) if data else w.data
         s = table(w) if table else w.sasrec
+        m = llm(w) if callable(llm) else llm
         out = w.tmp / "out"
-        argv = ["train-e4srec", "--data", d, "--sasrec", s, "--llm", llm, "--output", out, "--max-examples", "8",
+        argv = ["train-e4srec", "--data", d, "--sasrec", s, "--llm", m, "--output", out, "--max-examples", "8",
                 "--eval-users", "5", "--device", "cpu", N, *[a.format(tmp=w.tmp, data=d) for a in extra]]
-        return argv, out, [d, s]
+        return argv, out, [d, s] + ([m] if isinstance(m, Path) else [])
 
     return build
 
@@ -474,6 +475,14 @@ CASES: list[Case] = [
     ("train-llm-missing-folder", train(llm="/no/such/folder"), ["/no/such/folder"]),
     ("train-llm-unknown-name", train(llm="gpt-17"), ["gpt-17"]),
     ("train-data-other-item-map", train(data=lambda w: w.other_data), ["item-map hash"]),
+    ("train-llm-descriptor-not-json", train(llm=lambda w: llm_folder(w, "{")), ["backbone.json", "invalid JSON"]),
+    ("train-llm-descriptor-wrong-type", train(llm=lambda w: llm_folder(w, local_files_only="yes")),
+     ["backbone.json", "'local_files_only' is 'yes', expected bool"]),
+    ("train-llm-descriptor-no-backbone", train(llm=lambda w: llm_folder(w, backbone=None)),
+     ["backbone.json", "missing field 'backbone'"]),
+    ("train-llm-adapter-missing", train(llm=lambda w: llm_folder(w, adapter="adapter")),
+     ["backbone.json", "field 'adapter'", "not a folder"]),
+    ("train-llm-unknown-quantization", train(llm=lambda w: llm_folder(w, quantization="int3")), ["int3"]),
     ("train-run-id-unset", train("--checkpoint-every", "1", "--checkpoint-dir", "{tmp}/ck-{{run_id}}"),
      ["E4SREC_PIPELINE_RUN_ID"]),
     # evaluate
@@ -589,6 +598,21 @@ def every_item_data(w: Work) -> Path:
     items[0] = [1, 2, 3, 4, 5, 1, 2]
     pq.write_table(table.set_column(2, "items", pa.array(items, pa.list_(pa.int32()))), out / c.SEQUENCES)
     return out
+
+
+def llm_folder(w: Work, raw: str | None = None, **fields: object) -> Path:
+    """An instruction-tune output (tiny backbone, passed through) with its backbone.json changed."""
+    folder = w.tmp / "llm"
+    folder.mkdir()
+    descriptor = {"stage": "instruction-tune", "backbone": "tiny", "dtype": "auto", "quantization": "none",
+                  "local_files_only": True, "fingerprint": None, "skipped": True, "adapter": None, "merged": None}
+    for key, value in fields.items():
+        if value is None:
+            descriptor.pop(key)
+        else:
+            descriptor[key] = value
+    (folder / "backbone.json").write_text(raw if raw is not None else json.dumps(descriptor))
+    return folder
 
 
 def first_item(w: Work) -> str:

@@ -151,7 +151,14 @@ def load_tuned_backbone(stage_dir: Path | str, device: torch.device | str = "cpu
     `dtype` (when given) replaces the recorded precision; the adapter is merged in that precision.
     """
     stage_dir = Path(stage_dir)
-    descriptor = c.read_json(stage_dir / DESCRIPTOR)
+    descriptor = c.read_json_object(stage_dir / DESCRIPTOR, {"backbone": str, "dtype": str, "quantization": str,
+                                                             "local_files_only": bool},
+                                    "point --llm at an instruction-tune output, or re-run instruction-tune")
+    for key in (ADAPTER, MERGED):
+        value = descriptor.get(key)
+        if value is not None and (not isinstance(value, str) or not (stage_dir / value).is_dir()):
+            raise E4SRecError(f"{stage_dir / DESCRIPTOR}: field {key!r} is {value!r}, not a folder beside it; "
+                              f"re-run instruction-tune")
     if dtype is not None:
         descriptor = {**descriptor, "dtype": dtype}
     options = BackboneOptions(**{k: descriptor[k] for k in ("backbone", "dtype", "quantization", "local_files_only")})

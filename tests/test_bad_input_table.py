@@ -12,6 +12,7 @@ must not be touched, non-finite values, models and registry.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -483,6 +484,8 @@ CASES: list[Case] = [
     ("train-llm-adapter-missing", train(llm=lambda w: llm_folder(w, adapter="adapter")),
      ["backbone.json", "field 'adapter'", "not a folder"]),
     ("train-llm-unknown-quantization", train(llm=lambda w: llm_folder(w, quantization="int3")), ["int3"]),
+    ("train-backbone-cache-damaged", train(llm=lambda w: damaged_tiny_cache(w)),
+     ["cached copy", "looks damaged", "delete that folder"]),
     ("train-run-id-unset", train("--checkpoint-every", "1", "--checkpoint-dir", "{tmp}/ck-{{run_id}}"),
      ["E4SREC_PIPELINE_RUN_ID"]),
     # evaluate
@@ -615,6 +618,16 @@ def llm_folder(w: Work, raw: str | None = None, **fields: object) -> Path:
     return folder
 
 
+def damaged_tiny_cache(w: Work) -> str:
+    """A backbone cache (E4SREC_CACHE, restored after the case) whose tiny model's weights are cut short."""
+    from e4srec.backbones import resolve
+
+    os.environ["E4SREC_CACHE"] = str(w.tmp / "cache")
+    weights = Path(resolve("tiny")) / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    return "tiny"
+
+
 def first_item(w: Work) -> str:
     return str(pq.read_table(w.e4srec / c.ITEM_MAP).column("item_id")[0])
 
@@ -644,6 +657,7 @@ def test_bad_input(case_id: str, build: Callable, needles: list[str], work: Work
                    monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("E4SREC_PIPELINE_RUN_ID", raising=False)
+    monkeypatch.setenv("E4SREC_CACHE", os.environ.get("E4SREC_CACHE", str(Path.home() / ".cache" / "e4srec")))
     work.tmp = tmp_path
     argv, output, inputs = build(work)
     watched = [*inputs, work.data, work.sasrec, work.e4srec, work.raw]

@@ -332,9 +332,13 @@ def load_backbone(options: BackboneOptions, device: torch.device | str = "cpu") 
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=options.local_files_only)
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-    except (OSError, ValueError, ImportError, RuntimeError) as e:
+    except Exception as e:  # noqa: BLE001 (OSError, ValueError, safetensors' own error on a damaged file, ...)
+        cached = Path(source).is_dir() and cache_dir().resolve() in Path(source).resolve().parents
+        fix = (f"; the cached copy in {source} looks damaged: delete that folder and the next run rebuilds it"
+               if cached else "")
         raise E4SRecError(f"backbone {options.backbone!r} ({source}): cannot load with dtype={options.dtype}, "
-                          f"quantization={options.quantization}: {str(e).splitlines()[0][:300]}") from None
+                          f"quantization={options.quantization}: {type(e).__name__}: "
+                          f"{(str(e).splitlines() or [''])[0][:300]}{fix}") from None
     if options.quantization == "none":
         model.to(device)
     if tokenizer.pad_token is None:

@@ -8,6 +8,7 @@ passes through; one task in the local profile); then train-e4srec -> deploy -> p
 
 # No `from __future__ import annotations`: KFP reads the real annotation objects.
 
+import functools
 import inspect
 import re
 from collections.abc import Callable
@@ -312,8 +313,10 @@ def compile_pipeline(output: Path | str = "pipeline.yaml", **factory_args: Any) 
     return output
 
 
+@functools.cache
 def pipeline_parameters() -> dict[str, tuple[type, Any, str]]:
-    """{name: (type, default, help)} of the pipeline's runtime parameters, read from its signature."""
+    """{name: (type, default, help)} of the pipeline's runtime parameters, read from its signature (built
+    once per process: the CLI's parser and `check_arguments` both ask)."""
     func = create_pipeline("local").pipeline_func
     doc = inspect.getdoc(func) or ""
     helps = dict(re.findall(r"^\s{4}(\w+): (.+(?:\n\s{8}.+)*)", doc, flags=re.M))

@@ -5,8 +5,9 @@ convention), exactly one line on stderr that names the culprit, no traceback, no
 `.NAME.partial-*` folder left behind, and every input byte-for-byte unchanged (SHA-256 before and
 after). The CLI runs in-process (`e4srec.cli.main`), so 150 cases cost seconds, not torch imports.
 
-Classes (the `CLASS` of each case id): raw data, prepared data and artifacts, options, paths that
-must not be touched, non-finite values, models and registry.
+A case id starts with the command or input kind it exercises (raw, csv, data, sasrec, train, ...); the
+table's comments group them: raw data, prepared data and artifacts, options, paths that must not be
+touched, non-finite values, models and the registry.
 """
 
 from __future__ import annotations

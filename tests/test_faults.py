@@ -113,3 +113,14 @@ def test_two_promotions_at_once_leave_alias_and_history_agreeing(tmp_path: Path,
     for earlier, later in zip(moves, moves[1:]):  # an unbroken chain: each move starts where the last ended
         assert later["from"] == earlier["to"], moves
     assert str(registry.version_for(NAME, registry.CHAMPION).version) == moves[-1]["to"]
+
+    # Two processes at once rarely overlap by chance; the lock itself: a promotion waits while another holds it.
+    with registry.alias_lock(NAME):
+        waiting = subprocess.Popen([sys.executable, "-m", "e4srec.cli", "promote", NAME, "--version", "1"], env=env,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(10)  # time enough to start, import and reach the lock
+        assert waiting.poll() is None, waiting.communicate()
+        released = time.time()
+    assert waiting.wait(timeout=120) == 0, waiting.stderr.read()
+    last = registry.alias_history(NAME, registry.CHAMPION)[-1]
+    assert last["to"] == "1" and last["when"] >= released

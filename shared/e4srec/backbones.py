@@ -61,7 +61,7 @@ class BackboneOptions:
     local_files_only: bool = cfg.option(True, "never download; --no-local-files-only lets hf: hub ids download")
 
     def __post_init__(self) -> None:
-        cfg.check_choices(self)
+        cfg.check_fields(self)
         parse_spec(self.backbone)  # an unknown name fails here, with the registered ones
 
 

@@ -192,7 +192,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         by_length[split] = result.by_length()
     _print_metrics(metrics, Path(args.model).name)
     if args.output:
-        with staged_output(args.output, args.overwrite, {"--model": args.model, "--data": args.data}) as out:
+        with staged_output(args.output, args.overwrite) as out:
             c.write_json(out / c.METRICS, metrics)
             c.write_json(out / "metrics_by_length.json", by_length)
         print(f"wrote {args.output}")

@@ -31,7 +31,7 @@ def _field_type(cls: type, f: dataclasses.Field) -> type:
     return tp
 
 
-def check_choices(obj: Any) -> None:
+def check_fields(obj: Any) -> None:
     """Raise E4SRecError for a field whose value is not among its declared choices, a float field
     that is NaN or infinite, a seed outside numpy's [0, 2**32) or a type that is not the declared one."""
     for f in dataclasses.fields(obj):

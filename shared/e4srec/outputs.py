@@ -108,7 +108,7 @@ def preflight(path: Path | str, overwrite: bool = False, inputs: Inputs | None =
 
 
 @contextmanager
-def staged_output(path: Path | str, overwrite: bool = False, inputs: Inputs | None = None) -> Iterator[Path]:
+def staged_output(path: Path | str, overwrite: bool = False) -> Iterator[Path]:
     """Yield a hidden sibling folder to write into; rename it to `path` only when the block succeeds.
 
     An `s3://` output is written locally and uploaded at the end, its completion marker last
@@ -116,16 +116,16 @@ def staged_output(path: Path | str, overwrite: bool = False, inputs: Inputs | No
 
     On any exception (SIGTERM included: the CLI turns it into one) the partial folder is deleted and
     `path` is left as it was. An existing, non-empty `path` is an error unless `overwrite` is set
-    (KFP hands stages a path that does not exist yet, or an empty folder).
+    (KFP hands stages a path that does not exist yet, or an empty folder). The overlap with the
+    stage's inputs is `preflight`'s check, which every stage runs before its work.
     """
     from e4srec import storage
 
     if storage.is_s3(path):
-        check_apart(path, inputs or {})
         with storage.staged_s3_output(str(path), overwrite) as local:
             yield local
         return
-    preflight(path, overwrite, inputs)
+    preflight(path, overwrite)
     path = Path(path)
     tmp = hidden_sibling(path, "partial")
     umask = os.umask(0)

@@ -147,12 +147,7 @@ def log_and_register(model_dir: Path, name: str, example_history: list[str], tag
     return str(info.registered_model_version)
 
 
-def download(name: str, alias: str) -> tuple[Path, str | None]:
-    """Fetch `models:/NAME@ALIAS`: (the logged model folder, the backbone spec that loads its logged copy)."""
-    return download_uri(f"models:/{name}@{alias}")
-
-
-def download_uri(uri: str) -> tuple[Path, str | None]:
+def download(uri: str) -> tuple[Path, str | None]:
     """Fetch a registered model (`models:/NAME@ALIAS` or `models:/NAME/VERSION`): (the logged model
     folder, the backbone spec that loads its logged copy, None for a SASRec or an unlogged backbone)."""
     import mlflow

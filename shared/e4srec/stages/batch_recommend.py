@@ -39,7 +39,7 @@ class BatchRecommendConfig:
     device: str = cfg.option("auto", "cpu, cuda, cuda:N or auto")
 
     def __post_init__(self) -> None:
-        cfg.check_choices(self)
+        cfg.check_fields(self)
         for name in ("k", "batch_size"):
             cfg.require(getattr(self, name) >= 1, self, name, "must be >= 1")
         cfg.require(self.max_users >= 0, self, "max_users", "must be >= 0")
@@ -58,7 +58,7 @@ def run(config: BatchRecommendConfig, model_dir: Path | str, data_dir: Path | st
     if registered:  # the registered model's own files: its folder and, for an E4SRec, its logged backbone
         from e4srec import registry
 
-        model_dir, backbone = registry.download_uri(str(model_dir))
+        model_dir, backbone = registry.download(str(model_dir))
     model_dir = fetch(model_dir)
     _, meta = read_config(model_dir)
     if meta.get("item_map_sha256") != data.item_map_sha256 and "extended_from" not in meta:

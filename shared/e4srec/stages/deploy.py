@@ -59,7 +59,7 @@ class DeployConfig:
     device: str = cfg.option("auto", "cpu, cuda, cuda:N or auto")
 
     def __post_init__(self) -> None:
-        cfg.check_choices(self)
+        cfg.check_fields(self)
         parts = self.metric.split("/")
         cfg.require(len(parts) == 3 and parts[0] in c.SPLITS and parts[1] in PROTOCOLS and parts[2] in METRICS, self,
                     "metric", f"expected <split>/<protocol>/<metric> with split in {'/'.join(c.SPLITS)}, protocol in "
@@ -116,7 +116,7 @@ def _champion(name: str, data: c.SequenceData, config: DeployConfig, users: np.n
     tags = version.tags or {}
     out = {"version": str(version.version), "kind": tags.get("kind", "e4srec"), "value": None}
     if tags.get("item_map_sha256", "") == data.item_map_sha256:
-        folder, backbone = registry.download(name, registry.CHAMPION)
+        folder, backbone = registry.download(f"models:/{name}@{registry.CHAMPION}")
         out["value"] = _score(folder, data, config, users, backbone)
     return out
 

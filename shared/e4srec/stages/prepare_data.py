@@ -41,7 +41,7 @@ class PrepareDataConfig:
     seed: int = cfg.option(42, "seed for negative sampling")
 
     def __post_init__(self) -> None:
-        cfg.check_choices(self)
+        cfg.check_fields(self)
         cfg.require(self.k_core >= 0, self, "k_core", "must be >= 0")
         cfg.require(1 <= self.max_len <= MAX_LEN_LIMIT, self, "max_len", f"must be in [1, {MAX_LEN_LIMIT}] (every "
                     f"model attends over max_len positions: SASRec's table and E4SRec's prompt grow with it)")

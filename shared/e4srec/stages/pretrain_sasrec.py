@@ -74,7 +74,7 @@ class PretrainSasrecConfig:
     threads: int = cfg.option(0, "CPU threads for torch (0: torch's default)")
 
     def __post_init__(self) -> None:
-        cfg.check_choices(self)
+        cfg.check_fields(self)
         for name in ("epochs", "batch_size", "dim", "n_blocks", "n_heads", "eval_every", "patience",
                      "eval_batch_size"):
             cfg.require(getattr(self, name) >= 1, self, name, "must be >= 1")

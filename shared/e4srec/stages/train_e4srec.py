@@ -97,7 +97,7 @@ class TrainE4SRecConfig(PromptOptions):
     threads: int = cfg.option(0, "CPU threads for torch (0: torch's default)")
 
     def __post_init__(self) -> None:
-        cfg.check_choices(self)
+        cfg.check_fields(self)
         for name in ("epochs", "batch_size", "grad_accum", "item_dim", "lora_r", "lora_alpha", "max_targets_per_user",
                      "eval_batch_size"):
             cfg.require(getattr(self, name) >= 1, self, name, "must be >= 1")
@@ -392,10 +392,11 @@ def run(config: TrainE4SRecConfig, data_dir: Path | str, sasrec_dir: Path | str,
     if rank:
         tracker = Tracker(None)
     inputs = {"--data": data_dir, "--sasrec": sasrec_dir, "--llm": llm}
+    checkpoints = Checkpoints(checkpoint_root(config, output), rank) if config.checkpoint_every or config.resume else None
     if rank == 0:
         preflight(output, overwrite, inputs)
-        if config.checkpoint_every or config.resume:
-            Checkpoints(checkpoint_root(config, output), rank).check(inputs, output)
+        if checkpoints is not None:
+            checkpoints.check(inputs, output)
     data = c.load_sequence_data(fetch(data_dir))
     table = pretrain_sasrec.load_item_embeddings(fetch(sasrec_dir), data.item_map_sha256)
     if config.threads:
@@ -410,7 +411,6 @@ def run(config: TrainE4SRecConfig, data_dir: Path | str, sasrec_dir: Path | str,
     keep = seeded_subset(len(targets), config.max_examples, config.seed)
     if keep is not None:
         histories, targets = histories[keep], targets[keep]
-    checkpoints = Checkpoints(checkpoint_root(config, output), rank) if config.checkpoint_every or config.resume else None
     tracker.log_params(cfg.to_dict(config) | {"backbone": descriptor["backbone"], "examples": len(targets),
                                                "backbone_dtype": DTYPE_NAMES[str(backbone_dtype(model))],
                                                "world_size": world, "item_map_sha256": data.item_map_sha256})

@@ -76,6 +76,7 @@ def stage_components(profile: Profile) -> dict[str, Any]:
         "prepare-data": prepare_data_component.build(profile.image),
         "pretrain-sasrec": pretrain_sasrec_component.build(profile.image),
         "instruction-tune": instruction_tune_component.build(profile.image),
+        "instruction-tune (skipped)": instruction_tune_component.build(profile.image, name="instruction-tune-skipped"),
         "train-e4srec": train_e4srec_component.build(profile.image),
         "deploy": deploy,
         "promote-champion": promote_champion,
@@ -253,7 +254,9 @@ def create_pipeline(profile: str | Path | Profile = "cluster", *, name: str = PI
                 tuned = instruction_tune(**tuning)
                 configure(tuned, "instruction-tune")
             with dsl.Else():
-                base = instruction_tune(instructions_uri=instructions_uri, skip=True, **llm_args)
+                # its own component name, so that its task (and its artifacts' path) is instruction-tune-skipped
+                # rather than the compiler's instruction-tune-2
+                base = parts["instruction-tune (skipped)"](instructions_uri=instructions_uri, skip=True, **llm_args)
                 configure(base, "instruction-tune (skipped)")  # no GPU for a pass-through
             llm = dsl.OneOf(tuned.outputs["backbone"], base.outputs["backbone"])
         else:  # one task (see Profile.instruction_tune_branches)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from e4srec import contracts as c
 from e4srec.errors import E4SRecError
 from e4srec_pipelines.pipeline import PIPELINE_NAME, check_arguments, configure_for, create_pipeline, stage_components
 from e4srec_pipelines.profiles import load_profile
@@ -309,8 +310,6 @@ def _locate_in_cluster_run(run: dict[str, Any], spec: dict[str, Any], task_glob:
 def earlier_run(run: str, *, host: str | None = None, token: str | None = None, cookie: str | None = None,
                 namespace: str | None = None) -> EarlierRun:
     """A local run folder (runs/e4srec-...), or with `host` a Kubeflow run id."""
-    import json
-
     if host:
         check_api(host, token, cookie)
         kfp_client = client(host, namespace, token, cookie)
@@ -336,7 +335,8 @@ def earlier_run(run: str, *, host: str | None = None, token: str | None = None, 
         raise E4SRecError(f"{run}: no such run folder; pass a local run (runs/e4srec-...) or, with --host, a "
                           f"Kubeflow run id")
     record = folder / RUN_RECORD
-    saved = json.loads(record.read_text()) if record.is_file() else {}
+    saved = (c.read_json_object(record, c.RUN_RECORD_FIELDS, "it is written by `e4srec run`; restore it, or delete it "
+                                "to rerun with the pipeline's defaults") if record.is_file() else {})
     return EarlierRun(folder.name, saved.get("parameters", {}), _compiled_spec("local"), recorded=record.is_file(),
                       folder=folder, run_id=saved.get("run_id", ""))
 
@@ -365,6 +365,27 @@ def convert(component: Any, settings: list[str]) -> dict[str, Any]:
     return out
 
 
+def check_stage_parameters(stage: str, params: dict[str, Any]) -> None:
+    """Build the stage's config from the parameters a rerun would pass it, so that a bad `--set` value
+    is one line here rather than a failed task (the component builds the same config from them)."""
+    import dataclasses
+
+    from e4srec.stages import batch_recommend, deploy, instruction_tune, pretrain_sasrec, train_e4srec
+
+    configs = {"pretrain-sasrec": pretrain_sasrec.PretrainSasrecConfig,
+               "instruction-tune": instruction_tune.InstructionTuneConfig,
+               "train-e4srec": train_e4srec.TrainE4SRecConfig, "deploy": deploy.DeployConfig,
+               "batch-recommend": batch_recommend.BatchRecommendConfig}
+    if stage not in configs:  # report: no settings beyond its inputs
+        return
+    values = dict(params)
+    if stage == "instruction-tune":  # the component's names for two fields (components/instruction_tune)
+        values["backbone"] = values.pop("backbone_spec", "smollm2-135m")
+        values["skip"] = bool(values.get("skip", False)) or not values.pop("tune", True)
+    fields = {f.name for f in dataclasses.fields(configs[stage])}
+    configs[stage](**{k: v for k, v in values.items() if k in fields})
+
+
 def rerun_pipeline(stage: str, run: EarlierRun, settings: list[str], profile: str = "local",
                    overrides: dict[str, str] | None = None, report: Any = print) -> Any:
     """A one-stage pipeline whose inputs come from an earlier run's outputs through dsl.importer, with
@@ -379,6 +400,7 @@ def rerun_pipeline(stage: str, run: EarlierRun, settings: list[str], profile: st
     component, configure = stage_components(loaded)[stage], configure_for(loaded)
     inherited, chosen = run.stage_parameters(stage, component), convert(component, settings)
     params = {**inherited, **chosen}
+    check_stage_parameters(stage, params)
     sources = {name: (overrides or {}).get(name) or run.locate(glob, output)
                for name, (glob, output, _) in RERUN_INPUTS[stage].items()}
     shown = ", ".join(f"{k}={v}" for k, v in sorted(inherited.items()) if k not in chosen) or "none"

@@ -295,6 +295,50 @@ def corrupt_checkpoint(w: Work) -> Path:
     return root
 
 
+CLUSTER_PROFILE = Path(__file__).resolve().parents[1] / "pipelines" / "profiles" / "cluster.yaml"
+
+
+def compile_with(profile: Callable[[Work], Path]) -> Callable:
+    """`compile` with a profile YAML: the profile is an input, the pipeline spec the output."""
+    def build(w: Work) -> tuple[list, Path, list[Path]]:
+        path = profile(w)
+        return ["compile", "--profile", path, "--output", w.tmp / "pipeline.yaml"], w.tmp / "pipeline.yaml", [path]
+
+    return build
+
+
+def profile_text(text: str | bytes) -> Callable[[Work], Path]:
+    return lambda w: w.text("my-cluster.yaml", text)
+
+
+def profile_edit(old: str, new: str) -> Callable[[Work], Path]:
+    """The shipped cluster profile with one line changed (so that every other field is valid)."""
+    def make(w: Work) -> Path:
+        text = CLUSTER_PROFILE.read_text()
+        assert old in text, old
+        return w.text("my-cluster.yaml", text.replace(old, new, 1))
+
+    return make
+
+
+def run_folder(w: Work, record: str) -> Path:
+    run = w.tmp / "runs" / "e4srec-earlier"
+    run.mkdir(parents=True)
+    (run / "pipeline_run.json").write_text(record)
+    return run
+
+
+def rerun_cmd(stage: str, *extra: str) -> Callable:
+    """`rerun STAGE --from` a run folder (empty: the pipeline's defaults apply), with --set values."""
+    def build(w: Work) -> tuple[list, Path, list[Path]]:
+        run = w.tmp / "runs" / "e4srec-earlier"
+        run.mkdir(parents=True)
+        root = w.tmp / "rerun-root"
+        return ["rerun", stage, "--from", run, "--pipeline-root", root, *extra], root, [run]
+
+    return build
+
+
 CASES: list[Case] = [
     # raw data: the S3-Rec text format
     ("raw-empty", prep(lambda w: s3rec(w, "")), ["raw.txt: file is empty"]),
@@ -560,6 +604,88 @@ CASES: list[Case] = [
                                   "nan"], None, []), ["lr=nan"]),
     ("promote-unknown-model", promote("no-such-model", "--version", "1"), ["no-such-model"]),
     ("promote-rollback-unknown", promote("no-such-model", "--rollback"), ["no-such-model"]),
+    # environment profiles (compile, submit, rerun --profile)
+    ("profile-not-a-mapping", compile_with(profile_text("- name: cluster\n")), ["my-cluster.yaml", "a mapping",
+                                                                                "got a list"]),
+    ("profile-invalid-yaml", compile_with(profile_text("name: [cluster\n")), ["my-cluster.yaml", "invalid YAML"]),
+    ("profile-not-utf8", compile_with(profile_text(b"name: \xff\xfe\n")), ["my-cluster.yaml", "not UTF-8"]),
+    ("profile-unknown-field", compile_with(profile_edit("name: cluster", "name: cluster\nimages: x")),
+     ["unknown field(s) images"]),
+    ("profile-missing-image", compile_with(profile_text("name: x\ngpu_image: y\n")), ["missing field 'image'"]),
+    ("profile-image-number", compile_with(profile_edit("image: registry.example.com/e4srec/e4srec-cpu:{version}",
+                                                       "image: 42")), ["image:", "expected a string", "int 42"]),
+    ("profile-image-stray-brace", compile_with(profile_edit("e4srec-cpu:{version}", "e4srec-cpu:{tag}")),
+     ["image:", "only {version}"]),
+    ("profile-env-bool", compile_with(profile_edit("AWS_DEFAULT_REGION: us-east-1", "AWS_DEFAULT_REGION: true")),
+     ["env.AWS_DEFAULT_REGION", "quote"]),
+    ("profile-env-list", compile_with(profile_edit("env:\n", "env: [a]\nold_env:\n")), ["unknown field(s) old_env"]),
+    ("profile-secret-no-env", compile_with(profile_edit("  - name: e4srec-s3-credentials\n    env:",
+                                                        "  - name: e4srec-s3-credentials\n    envs:")),
+     ["secrets[0]", "needs a name and an env"]),
+    ("profile-secret-optional-string", compile_with(profile_edit("optional: true", "optional: maybe")),
+     ["secrets[1].optional", "true or false"]),
+    ("profile-gpu-stage-unknown", compile_with(profile_edit("stages: [instruction-tune,", "stages: [train-sasrec,")),
+     ["gpu.stages[0]", "train-sasrec"]),
+    ("profile-gpu-count-0", compile_with(profile_edit("count: 1", "count: 0")), ["gpu.count", ">= 1"]),
+    ("profile-gpu-count-string", compile_with(profile_edit("count: 1", "count: one")), ["gpu.count", "'one'"]),
+    ("profile-gpu-no-accelerator", compile_with(profile_edit("  accelerator: nvidia.com/gpu\n", "")),
+     ["gpu.accelerator", "missing"]),
+    ("profile-toleration-unknown-key", compile_with(profile_edit("effect: NoSchedule}", "effects: NoSchedule}")),
+     ["gpu.tolerations[0]", "effects"]),
+    ("profile-node-selector-bool", compile_with(profile_edit('nvidia.com/gpu.present: "true"',
+                                                             "nvidia.com/gpu.present: true")),
+     ["gpu.node_selector.nvidia.com/gpu.present", "quote"]),
+    ("profile-pod-retries-string", compile_with(profile_edit("retries: 2}", "retries: two}")),
+     ["pods.default.retries", "'two'"]),
+    ("profile-pod-retries-negative", compile_with(profile_edit("retries: 2}", "retries: -1}")),
+     ["pods.default.retries", ">= 0"]),
+    ("profile-pod-memory-not-quantity", compile_with(profile_edit("memory_limit: 8Gi", "memory_limit: 8 GB")),
+     ["pods.default.memory_limit", "'8 GB'", "Kubernetes quantity"]),
+    ("profile-pod-stage-unknown", compile_with(profile_edit("  prepare-data: {", "  prepare: {")),
+     ["pods.prepare", "no such stage"]),
+    ("profile-pod-setting-unknown", compile_with(profile_edit("shm_size: 16Gi}", "shm: 16Gi}")),
+     ["pods.instruction-tune", "unknown setting(s) shm"]),
+    ("profile-checkpoints-relative", compile_with(profile_edit("mount_path: /checkpoints", "mount_path: checkpoints")),
+     ["checkpoints.mount_path", "absolute"]),
+    ("profile-checkpoints-every-0", compile_with(profile_edit("every: 500", "every: 0")), ["checkpoints.every", ">= 1"]),
+    ("profile-caching-off-key", compile_with(profile_edit("  default: true\n  disabled_for:", "  off: true\n  disabled_for:")),
+     ["caching", "`default` and `disabled_for`"]),
+    ("profile-caching-default-string", compile_with(profile_edit("  default: true\n  disabled_for:",
+                                                                 "  default: sometimes\n  disabled_for:")),
+     ["caching.default", "true or false"]),
+    ("profile-pull-secrets-string", compile_with(profile_edit("image_pull_secrets: [e4srec-registry]",
+                                                              "image_pull_secrets: e4srec-registry")),
+     ["image_pull_secrets", "a list of names"]),
+    ("profile-missing", compile_with(lambda w: w.tmp / "none.yaml"), ["none.yaml", "not found"]),
+    # model config.json, run record, training log: typed readers
+    ("eval-config-no-model", evaluate(lambda w: edited_json(w, w.sasrec, "config.json", lambda m: m.pop("model"))),
+     ["config.json", "missing field 'model'"]),
+    ("eval-config-a-list", evaluate(lambda w: with_file(w, w.sasrec, "config.json", "[1, 2]")),
+     ["config.json", "expected a JSON object", "list"]),
+    ("eval-config-other-stage", evaluate(lambda w: edited_json(w, w.sasrec, "config.json",
+                                                               lambda m: m.update(stage="prepare-data"))),
+     ["config.json", "'prepare-data'", "pretrain-sasrec"]),
+    ("recommend-e4srec-config-llm-string", recommend("--history", "1", model=lambda w: edited_json(
+        w, w.e4srec, "config.json", lambda m: m.update(llm="smollm2"))),
+     ["config.json", "field 'llm'", "expected dict"]),
+    ("batch-e4srec-config-hash-number", batch(model=lambda w: edited_json(w, w.e4srec, "config.json",
+                                                                          lambda m: m.update(item_map_sha256=7))),
+     ["config.json", "field 'item_map_sha256'"]),
+    ("report-training-log-damaged", report(e4srec=lambda w: with_file(w, w.e4srec, "training_log.json", '{"a": 1}')),
+     ["training_log.json", "JSON list"]),
+    ("rerun-run-record-damaged", lambda w: (lambda run: (["rerun", "pretrain-sasrec", "--from", run, "--pipeline-root",
+                                                          w.tmp / "rr"], w.tmp / "rr", [run]))(
+        run_folder(w, '{"run_id": "x", "parameters": [1]}')), ["pipeline_run.json", "field 'parameters'"]),
+    # rerun: --set values checked before anything runs
+    ("rerun-set-epochs-0", rerun_cmd("pretrain-sasrec", "--set", "epochs=0"), ["epochs=0", ">= 1"]),
+    ("rerun-set-dropout-2", rerun_cmd("pretrain-sasrec", "--set", "dropout=2"), ["dropout=2.0"]),
+    ("rerun-set-lr-nan", rerun_cmd("train-e4srec", "--set", "lr=nan"), ["lr=nan"]),
+    ("rerun-set-loss-unknown", rerun_cmd("pretrain-sasrec", "--set", "loss=hinge"), ["loss", "hinge"]),
+    ("rerun-set-backbone-unknown", rerun_cmd("instruction-tune", "--set", "backbone_spec=nope-1b"), ["nope-1b"]),
+    ("rerun-set-metric-bogus", rerun_cmd("deploy", "--set", "metric=test/full/HR@0"), ["metric"]),
+    ("rerun-set-k-0", rerun_cmd("batch-recommend", "--set", "k=0"), ["k=0"]),
+    ("rerun-set-not-a-number", rerun_cmd("pretrain-sasrec", "--set", "epochs=many"), ["epochs=many", "int"]),
+    ("rerun-set-unknown-key", rerun_cmd("pretrain-sasrec", "--set", "epoch=3"), ["epoch=3", "KEY one of"]),
     # the whole pipeline: options checked before anything runs
     ("run-input-missing", run_cmd(raw=lambda w: w.tmp / "none.txt"), ["none.txt"]),
     ("run-sasrec-epochs-0", run_cmd("--sasrec-epochs", "0"), ["epochs=0"]),

@@ -45,7 +45,7 @@ def two_runs(backend):  # noqa: ANN001, ANN201
 def test_the_compiled_pipeline_runs_on_the_backend_with_artifacts_in_its_layout(backend, two_runs) -> None:  # noqa: ANN001
     first, _ = two_runs
     states = first.states()
-    ran = {"prepare-data", "pretrain-sasrec", "instruction-tune-2", "train-e4srec", "deploy", "promote-champion",
+    ran = {"prepare-data", "pretrain-sasrec", "instruction-tune-skipped", "train-e4srec", "deploy", "promote-champion",
            "report"}  # the first model becomes champion (when_no_champion=promote), then the report reads the alias
     assert {name: states[name] for name in ran} == dict.fromkeys(ran, COMPLETE)
     # tuning off, batch-recommend off, the gate said promote: those branches' tasks never started
@@ -85,7 +85,7 @@ def test_a_second_run_with_the_same_inputs_hits_the_cache(two_runs) -> None:  # 
     states = second.states()
     assert states["prepare-data"] == CACHED and states["pretrain-sasrec"] == CACHED
     assert second.task("pretrain-sasrec").artifacts == first.task("pretrain-sasrec").artifacts
-    assert states["train-e4srec"] == CACHED and states["instruction-tune-2"] == CACHED
+    assert states["train-e4srec"] == CACHED and states["instruction-tune-skipped"] == CACHED
     assert states["deploy"] == COMPLETE  # uncached: the registry-facing stages
     assert COMPLETE in (states.get("report"), states.get("report-2"))  # the report of whichever way the gate went
     print(f"harness: first run {first.seconds:.0f} s, second {second.seconds:.0f} s")

@@ -52,3 +52,30 @@ def test_promoting_a_version_the_gate_never_chose_needs_force(versions: None) ->
     assert champion() == "4" and move["forced"] is True
     registry.promote(NAME, to_version="2")
     assert registry.promote(NAME, rollback=True)["to"] == "4"  # once champion, it is part of the history
+
+
+def test_each_move_is_a_readable_tag_in_the_ui_beside_its_record(versions: None) -> None:
+    import json
+
+    registry.promote(NAME, to_version="1")
+    registry.promote(NAME, to_version="3")
+    tags = registry.client().get_model_version(NAME, "3").tags
+    readable = [v for k, v in tags.items() if k.startswith(registry.MOVE_TAG)]
+    records = [json.loads(v) for k, v in tags.items() if k.startswith(registry.MOVE_RECORD_TAG)]
+    assert len(readable) == 1 and len(records) == 1
+    assert readable[0].startswith("champion: version 1 -> 3  (") and readable[0].endswith(" UTC)"), readable[0]
+    assert not readable[0].startswith("{") and records[0]["from"] == "1"
+    # a version tagged the way 0.1.0 before readable tags did (the JSON under MOVE_TAG) is still history
+    old = {**records[0], "from": "3", "to": "2", "when": records[0]["when"] + 1}
+    registry.client().set_model_version_tag(NAME, "2", f"{registry.MOVE_TAG}{int(old['when'] * 1000)}", json.dumps(old))
+    assert registry.champions(NAME) == ["1", "3", "2"]
+
+
+def test_the_serve_command_carries_the_tracking_uri_it_needs(versions: None, monkeypatch: pytest.MonkeyPatch,
+                                                             tmp_path: Path) -> None:
+    line = registry.serve_command(NAME)
+    assert f"MLFLOW_TRACKING_URI=sqlite:///{tmp_path / 'mlflow.db'} mlflow models serve -m models:/{NAME}@champion" \
+        in line, line
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")  # relative: made absolute for any folder
+    assert f"MLFLOW_TRACKING_URI=sqlite:///{tmp_path / 'mlflow.db'} " in registry.serve_command(NAME)

@@ -72,6 +72,33 @@ MANIFEST_FIELDS = {"format_version": int, "n_users": int, "n_items": int, "max_l
                    "item_map_sha256": str}
 
 
+# config.json of a model folder, by the stage that wrote it (pretrain-sasrec, train-e4srec).
+MODEL_CONFIG_FIELDS: dict[str, dict[str, type | tuple[type, ...]]] = {
+    "pretrain-sasrec": {"stage": str, "model": dict, "train": dict, "item_map_sha256": str},
+    "train-e4srec": {"stage": str, "model": dict, "train": dict, "llm": dict, "item_map_sha256": str,
+                     "instruct_adapter": (str, type(None))},
+}
+RUN_RECORD_FIELDS = {"run_id": str, "parameters": dict}  # pipeline_run.json, beside a local run's outputs
+
+
+def read_model_config(path: Path | str, stage: str | tuple[str, ...]) -> dict[str, Any]:
+    """A model folder's config.json, written by `stage` (or one of them), with that stage's fields typed."""
+    stages = (stage,) if isinstance(stage, str) else stage
+    fix = f"pass a {' or '.join(stages)} output folder"
+    meta = read_json_object(path, {"stage": str}, fix)
+    if meta["stage"] not in stages:
+        raise E4SRecError(f"{path}: written by {meta['stage']!r}, not {' or '.join(stages)}; {fix}")
+    return read_json_object(path, MODEL_CONFIG_FIELDS[meta["stage"]], f"re-run {meta['stage']} or {fix}")
+
+
+def read_json_list(path: Path | str, fix: str) -> list[Any]:
+    """A JSON file holding a list of objects (a training log), any defect one line."""
+    obj = read_json(path)
+    if not isinstance(obj, list) or not all(isinstance(x, dict) for x in obj):
+        raise E4SRecError(f"{path}: expected a JSON list of objects, found {type(obj).__name__}; {fix}")
+    return obj
+
+
 def read_json_object(path: Path | str, fields: dict[str, type | tuple[type, ...]], fix: str) -> dict[str, Any]:
     """Read a JSON object whose `fields` must be present with these types; any defect is one line
     naming the file and the field."""

@@ -105,10 +105,8 @@ def run_local(input_path: Path | str, instructions: Path | str | None, pipeline_
         champion = registry.version_for(name, registry.CHAMPION)
         if champion is not None:
             kind = trained.LABELS.get((champion.tags or {}).get("kind", "e4srec"), "?")
-            bin_dir = Path(sys.executable).parent  # mlflow starts `uvicorn` by name: the venv must be on PATH
-            path = "" if shutil.which("uvicorn") else f"PATH={bin_dir}:$PATH "
             print(f"  champion:        version {champion.version} ({kind}); serve it with")
-            print(f"    {path}MLFLOW_TRACKING_URI={os.environ['MLFLOW_TRACKING_URI']} {registry.serve_command(name)}")
+            print(f"    {registry.serve_command(name)}")
             data = c.load_sequence_data(outputs["data"].path)
             example = [str(data.item_ids[i]) for i in data.sequence(0)[-2:]]  # real ids: a user's last two items
             records = json.dumps({"dataframe_records": [{"history": example, "k": 5}]})

@@ -29,7 +29,10 @@ from e4srec.errors import E4SRecError
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
+# Each alias move is two tags on the version it moved to: `e4srec.alias_move.<ms>`, one readable line
+# (what the MLflow UI shows), and `e4srec.alias_move_record.<ms>`, the JSON record the history is read from.
 MOVE_TAG = "e4srec.alias_move."
+MOVE_RECORD_TAG = "e4srec.alias_move_record."
 PYFUNC_CODE = Path(__file__).parent / "serving" / "pyfunc_model.py"
 
 
@@ -41,8 +44,21 @@ def client() -> Any:
 
 
 def serve_command(name: str, alias: str = CHAMPION, port: int = 5001) -> str:
-    """The `mlflow models serve` line that serves `models:/NAME@alias` from this environment."""
-    return f"mlflow models serve -m models:/{name}@{alias} --env-manager local -h 127.0.0.1 -p {port}"
+    """The `mlflow models serve` line that serves `models:/NAME@alias` from this environment, with the
+    environment it needs in front: the tracking URI the model was registered at (absolute, so that it
+    works from any folder) and, when this environment's bin folder is not on PATH, that folder
+    (mlflow starts `uvicorn` by name)."""
+    import shutil
+    import sys
+
+    import mlflow
+
+    uri = mlflow.get_tracking_uri()
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
+    path = "" if shutil.which("uvicorn") else f"PATH={Path(sys.executable).parent}:$PATH "
+    return (f"{path}MLFLOW_TRACKING_URI={uri} mlflow models serve -m models:/{name}@{alias} --env-manager local "
+            f"-h 127.0.0.1 -p {port}")
 
 
 def default_name(data_manifest: dict[str, Any]) -> str:
@@ -180,7 +196,9 @@ def move_alias(name: str, alias: str, to_version: str, reason: str, metrics: dic
     move = {"alias": alias, "to": str(to_version), "from": str(previous.version) if previous else None,
             "who": os.environ.get("E4SREC_ACTOR") or getpass.getuser(), "when": time.time(), "reason": reason,
             "metrics": metrics or {}, "forced": forced, "rollback": rollback}
-    mc.set_model_version_tag(name, str(to_version), f"{MOVE_TAG}{int(move['when'] * 1000)}", json.dumps(move))
+    stamp = int(move["when"] * 1000)
+    mc.set_model_version_tag(name, str(to_version), f"{MOVE_RECORD_TAG}{stamp}", json.dumps(move))
+    mc.set_model_version_tag(name, str(to_version), f"{MOVE_TAG}{stamp}", describe(move, utc=True))
     return move
 
 
@@ -201,7 +219,9 @@ def alias_history(name: str, alias: str | None = None) -> list[dict]:
     """Every recorded alias move of a registered model, oldest first."""
     moves = []
     for mv in client().search_model_versions(f"name = '{name}'"):
-        moves += [json.loads(v) for k, v in (mv.tags or {}).items() if k.startswith(MOVE_TAG)]
+        for key, value in (mv.tags or {}).items():  # (before 0.1.0's readable tags, MOVE_TAG held the JSON)
+            if key.startswith(MOVE_RECORD_TAG) or key.startswith(MOVE_TAG) and value.startswith("{"):
+                moves.append(json.loads(value))
     return sorted((m for m in moves if alias is None or m["alias"] == alias), key=lambda m: m["when"])
 
 
@@ -289,9 +309,10 @@ def _promote(name: str, to_version: str | None, rollback: bool, force: bool) -> 
     return move_alias(name, CHAMPION, target, reason, forced=force)
 
 
-def describe(move: dict) -> str:
-    """One line for a move."""
-    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(move["when"]))
+def describe(move: dict, *, utc: bool = False) -> str:
+    """One line for a move (`utc`: its time in UTC, for a tag read from anywhere; else local time)."""
+    when = (time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(move["when"])) if utc else
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(move["when"])))
     forced = "forced: " if move.get("forced") and not move["reason"].startswith("forced") else ""
     return (f"{move['alias']}: version {move['from'] or '-'} -> {move['to']}  ({forced}{move['reason']}; {move['who']}, "
             f"{when})")

@@ -39,10 +39,7 @@ def read_config(folder: Path | str) -> tuple[str, dict]:
     path = Path(folder) / CONFIG
     if not path.is_file():
         raise E4SRecError(f"{path}: file not found; pass a train-e4srec or pretrain-sasrec output folder")
-    meta = c.read_json(path)
-    if meta.get("stage") not in KINDS:
-        raise E4SRecError(f"{path}: stage {meta.get('stage')!r} is not a recommender; pass a train-e4srec or "
-                          f"pretrain-sasrec output folder")
+    meta = c.read_model_config(path, tuple(KINDS))
     return KINDS[meta["stage"]], meta
 
 

@@ -94,7 +94,7 @@ class TaskRecord:
 class RunResult:
     run_id: str
     pipeline_root: str
-    tasks: dict[str, TaskRecord]  # by task path, e.g. "condition-branches-1/condition-3/instruction-tune-2"
+    tasks: dict[str, TaskRecord]  # by task path, e.g. "condition-branches-1/condition-3/instruction-tune-skipped"
     outputs: dict[str, Any]
     parameters: dict[str, Any] = field(default_factory=dict)  # the runtime config's
     seconds: float = 0.0

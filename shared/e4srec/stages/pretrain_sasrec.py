@@ -220,7 +220,7 @@ def load_item_embeddings(path: Path | str, expected_item_map_sha256: str) -> tor
 def load_model(model_dir: Path | str, data: c.SequenceData | None = None) -> SASRec:
     """Rebuild a trained SASRec; with `data`, check it was trained on the same item map."""
     model_dir = Path(model_dir)
-    meta = c.read_json(model_dir / CONFIG)
+    meta = c.read_model_config(model_dir / CONFIG, STAGE)
     if data is not None:
         c.check_item_map_hash(meta.get("item_map_sha256"), data.item_map_sha256, str(model_dir / CONFIG),
                               "evaluate it on the data it was trained on, or re-run pretrain-sasrec")

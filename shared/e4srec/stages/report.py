@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -155,8 +154,8 @@ def run(data_dir: Path | str, sasrec_dir: Path | str, e4srec_dir: Path | str, ou
                           if len(rows) > 2 else "<p class=muted>No published numbers recorded for this dataset.</p>")
         sections.append(f"<h2>Metrics</h2>{note}{_table(rows)}{published_note}"
                         f"{_png(_comparison(rows), out, 'metrics_comparison.png')}")
-        sasrec_log = json.loads((sasrec_dir / "training_log.json").read_text())
-        e4srec_log = json.loads((e4srec_dir / "training_log.json").read_text())
+        sasrec_log = c.read_json_list(sasrec_dir / "training_log.json", "re-run pretrain-sasrec")
+        e4srec_log = c.read_json_list(e4srec_dir / "training_log.json", "re-run train-e4srec")
         curves = _png(plots.training_curves(sasrec_log), out, "sasrec_training.png")
         if e4srec_log:
             curves += _png(plots.step_curves(e4srec_log), out, "e4srec_training.png")

@@ -501,7 +501,7 @@ def load_model(model_dir: Path | str, device: torch.device | str = "cpu", dtype:
 def _load_model(model_dir: Path, device: torch.device, dtype: str | None, backbone: str | None) -> E4SRec:
     from peft import set_peft_model_state_dict
 
-    meta = c.read_json(model_dir / CONFIG)
+    meta = c.read_model_config(model_dir / CONFIG, STAGE)
     options = {k: meta["llm"][k] for k in LLM_FIELDS}
     overrides = ({"dtype": dtype} if dtype else {}) | ({"backbone": backbone} if backbone else {})
     loaded = load_backbone(BackboneOptions(**(options | overrides)), device)

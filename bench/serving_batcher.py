@@ -6,9 +6,10 @@
 `MicroBatcher` (what the served pyfunc uses) scores whatever arrived while the previous batch ran;
 the lingering variant here also waits up to `--linger-ms` for the batch to reach `--clients` users.
 Both get the same users' histories (drawn with the seed, last max_len items, k=10); printed: users/s.
-Before that, `Recommender.recommend` alone is timed on fixed shapes (users x history length, for each
-`--dtypes`), 3 s each: what one forward pass costs, and what each more position adds. No HTTP, no
-MLflow: the model's side of serving only.
+Before that, `Recommender.recommend` alone is timed on fixed shapes (users x history length, and eight
+real users' histories) for each of `--dtypes` and `--scorings` (an E4SRec's histories packed into one
+sequence, or left-padded batches), 3 s each: what one forward pass costs, and what each more position
+adds. No HTTP, no MLflow: the model's side of serving only.
 """
 
 from __future__ import annotations
@@ -58,30 +59,43 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="write the result here too")
     parser.add_argument("--dtypes", nargs="*", default=["bf16", "fp32"], help="backbone precisions for the shape timings")
+    parser.add_argument("--scorings", nargs="*", default=["packed", "padded"],
+                        help="packed: an E4SRec's histories in one sequence (the default); padded: left-padded batches")
     args = parser.parse_args(argv)
     result = {"command": command(), "machine": machine(), "ms_per_call": {}, "users_per_s": {}}
-    for dtype in args.dtypes:
-        timed = Recommender(args.model, dtype=dtype)
-        ids = timed.item_ids[1:]
-        for users, length in ((1, 3), (1, 8), (1, 50), (8, 8), (8, 50), (64, 8), (64, 50)):
-            batch = [[ids[(31 * u + j) % len(ids)] for j in range(length)] for u in range(users)]
-            timed.recommend(batch, 10)  # warm-up
-            t0, calls = time.perf_counter(), 0
-            while time.perf_counter() - t0 < 3:
-                timed.recommend(batch, 10)
-                calls += 1
-            result["ms_per_call"][f"{dtype} {users}x{length}"] = round((time.perf_counter() - t0) / calls * 1000, 1)
-    recommender = Recommender(args.model)
     data = c.load_sequence_data(args.data)
     users = np.random.default_rng(args.seed).choice(data.n_users, args.users, replace=False)
     histories = [[str(data.item_ids[i]) for i in data.sequence(int(u))[-data.max_len:]] for u in users]
+    result["histories"] = {"users": len(histories), "mean_items": round(float(np.mean([len(h) for h in histories])), 2)}
+
+    def scoring(recommender: Recommender, how: str) -> Recommender:
+        if how == "padded":
+            recommender.model.score_packed = None
+        return recommender
+
+    for dtype in args.dtypes:
+        for how in args.scorings:
+            timed = scoring(Recommender(args.model, dtype=dtype), how)
+            ids = timed.item_ids[1:]
+            shapes = {f"{u}x{n}": [[ids[(31 * i + j) % len(ids)] for j in range(n)] for i in range(u)]
+                      for u, n in ((1, 3), (1, 8), (1, 50), (8, 8), (8, 50), (64, 8), (64, 50))}
+            shapes["8 users"] = histories[:8]  # real lengths: what eight concurrent requests bring
+            for shape, batch in shapes.items():
+                timed.recommend(batch, 10)  # warm-up
+                t0, calls = time.perf_counter(), 0
+                while time.perf_counter() - t0 < 3:
+                    timed.recommend(batch, 10)
+                    calls += 1
+                result["ms_per_call"][f"{dtype} {how} {shape}"] = round((time.perf_counter() - t0) / calls * 1000, 1)
     Lingering.linger, Lingering.target = args.linger_ms / 1000, args.clients
-    for cls in (MicroBatcher, Lingering):
-        batcher = cls(recommender)
-        t0 = time.perf_counter()
-        with ThreadPoolExecutor(args.clients) as pool:
-            list(pool.map(lambda h: batcher.recommend([h], [10]), histories))  # noqa: B023 (batcher of this pass)
-        result["users_per_s"][cls.__name__] = round(len(histories) / (time.perf_counter() - t0), 1)
+    for how in args.scorings:
+        recommender = scoring(Recommender(args.model), how)
+        for cls in (MicroBatcher, Lingering):
+            batcher = cls(recommender)
+            t0 = time.perf_counter()
+            with ThreadPoolExecutor(args.clients) as pool:
+                list(pool.map(lambda h: batcher.recommend([h], [10]), histories))  # noqa: B023 (batcher of this pass)
+            result["users_per_s"][f"{cls.__name__} {how}"] = round(len(histories) / (time.perf_counter() - t0), 1)
     emit(result, args.json)
     return 0
 

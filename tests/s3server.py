@@ -11,12 +11,27 @@ import time
 from pathlib import Path
 
 ACCESS_KEY, SECRET_KEY, BUCKET = "e4srec-test", "e4srec-test-secret", "e4srec"
-S3_PORT = 8333
+# Every port `weed mini` listens on, each taken free at start-up so that the tests never collide with
+# another SeaweedFS (a developer's own on 8333, a second test session); kept across a restart.
+PORT_FLAGS = ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port", "filer.port.grpc",
+              "s3.port", "s3.port.grpc", "webdav.port", "admin.port", "admin.port.grpc")
 
 
 def _listening(port: int) -> bool:
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _free_ports(n: int) -> list[int]:
+    """n distinct ports nothing listens on now (bound together, so the system hands out different ones)."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 class SeaweedFS:
@@ -25,20 +40,23 @@ class SeaweedFS:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.proc: subprocess.Popen | None = None
-        self.endpoint = f"http://127.0.0.1:{S3_PORT}"
+        self.ports = dict(zip(PORT_FLAGS, _free_ports(len(PORT_FLAGS)), strict=True))
+        self.port = self.ports["s3.port"]
+        self.endpoint = f"http://127.0.0.1:{self.port}"
 
     def env(self) -> dict[str, str]:
         return {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY, "AWS_DEFAULT_REGION": "us-east-1",
                 "AWS_ENDPOINT_URL": self.endpoint, "MLFLOW_S3_ENDPOINT_URL": self.endpoint}
 
     def start(self, timeout: float = 60) -> None:
-        if _listening(S3_PORT):
-            raise RuntimeError(f"port {S3_PORT} is taken: stop the other S3 server first")
+        taken = [f"{flag} {port}" for flag, port in self.ports.items() if _listening(port)]
+        if taken:
+            raise RuntimeError(f"port(s) {', '.join(taken)} taken since they were chosen: run the tests again")
         weed = shutil.which("weed", path=str(Path(sys.executable).parent)) or shutil.which("weed")
         self.root.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
             [weed, "mini", f"-dir={self.root}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-bucket={BUCKET}",
-             "-admin.ui=false"], env={**os.environ, **self.env()}, stdout=open(self.root / "weed.log", "ab"),
+             "-admin.ui=false", *(f"-{flag}={port}" for flag, port in self.ports.items())], env={**os.environ, **self.env()}, stdout=open(self.root / "weed.log", "ab"),
             stderr=subprocess.STDOUT, start_new_session=True)
         import boto3
 
@@ -60,5 +78,5 @@ class SeaweedFS:
             self.proc.wait(timeout=30)
             self.proc = None
         deadline = time.time() + 15
-        while _listening(S3_PORT) and time.time() < deadline:
+        while _listening(self.port) and time.time() < deadline:
             time.sleep(0.2)

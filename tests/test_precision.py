@@ -4,6 +4,7 @@ broken numbers (NaN or infinite scores, a diverging loss) never pass as results.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -130,19 +131,24 @@ def test_nan_scores_are_never_recommended(bf16_model: tuple[Path, dict]) -> None
     out, _ = bf16_model
     recommender = Recommender(out, dtype="fp32")
     broken = {3, 5, 8}
-    real = recommender.model.score
+    model = recommender.model
+    assert model.score_packed is not None  # an E4SRec scores packed histories; a SASRec (None) padded ones
 
-    def with_nan(hist: torch.Tensor) -> torch.Tensor:
-        s = real(hist)
-        s[:, sorted(broken)] = float("nan")
-        return s
+    def with_nan(real: Callable) -> Callable:
+        def scores(histories: object) -> torch.Tensor:
+            s = real(histories)
+            s[:, sorted(broken)] = float("nan")
+            return s
 
-    recommender.model.score = with_nan
-    (rec,) = recommender.recommend([[]], 20)
-    assert not {recommender.index[i] for i in rec.items} & broken and all(np.isfinite(rec.scores))
-    (everything,) = recommender.recommend([[recommender.item_ids[1]]], recommender.n_items)
-    assert len(everything.items) == recommender.n_items - 1 and recommender.item_ids[1] not in everything.items
-    assert {recommender.index[i] for i in everything.items[-3:]} == broken  # broken last; history, padding never
+        return scores
+
+    for packed in (model.score_packed, None):  # both scoring paths
+        model.score, model.score_packed = with_nan(model.score), packed and with_nan(packed)
+        (rec,) = recommender.recommend([[]], 20)
+        assert not {recommender.index[i] for i in rec.items} & broken and all(np.isfinite(rec.scores))
+        (everything,) = recommender.recommend([[recommender.item_ids[1]]], recommender.n_items)
+        assert len(everything.items) == recommender.n_items - 1 and recommender.item_ids[1] not in everything.items
+        assert {recommender.index[i] for i in everything.items[-3:]} == broken  # broken last; history, padding never
 
 
 def test_a_diverging_loss_stops_training_with_one_line(prepared: Path, sasrec_dir: Path, tmp_path: Path) -> None:

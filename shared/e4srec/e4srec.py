@@ -185,6 +185,42 @@ class E4SRec(nn.Module):
                        use_cache=True, **{self._cache_kwarg: past})
         return out.last_hidden_state[:, -1]  # (B, H)
 
+    @torch.no_grad()
+    def score_packed(self, histories: list[list[int]],
+                     cache: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """Scores of every item for histories of any lengths, packed into one sequence -> (B, N+1).
+
+        Each history's items and response prefix follow one another in a single row; a block-diagonal
+        causal mask lets each attend to the cached instruction and to its own tokens only, and its
+        positions start after the instruction as in `score_all_items`. The linear layers, most of a
+        forward pass, then see only real tokens: padding a batch to its longest history costs as much
+        as real items, and a server's concurrent requests have any lengths. Attention grows with the
+        square of the packed length, so callers pack a few hundred tokens at a time (`PACK_TOKENS`).
+        """
+        from transformers import DynamicCache
+
+        device, S, P = self.prefix_ids.device, len(self.suffix_ids), cache[0][0].shape[2]
+        suffix = self._embed_tokens(self.suffix_ids)  # (S, H)
+        pieces, positions, ends, seq = [], [], [], []
+        for u, history in enumerate(histories):
+            items = torch.tensor(history, dtype=torch.long, device=device)
+            pieces += [self._items(items[None])[0], suffix]
+            n = len(history) + S
+            positions.append(torch.arange(P, P + n, device=device))
+            seq.append(torch.full((n,), u, device=device))
+            ends.append((ends[-1] if ends else 0) + n)
+        x = torch.cat(pieces)[None]  # (1, T, H)
+        seq, T = torch.cat(seq), x.shape[1]
+        own = (seq[:, None] == seq[None, :]) & torch.ones(T, T, dtype=torch.bool, device=device).tril()
+        allowed = torch.cat([torch.ones(T, P, dtype=torch.bool, device=device), own], 1)  # (T, P+T)
+        dtype = x.dtype
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
+        past = DynamicCache(ddp_cache_data=[(k, v) for k, v in cache], config=self.llm.get_base_model().config)
+        out = self.llm(inputs_embeds=x, attention_mask=mask[None, None], position_ids=torch.cat(positions)[None],
+                       use_cache=True, **{self._cache_kwarg: past})
+        last = torch.tensor(ends, device=device) - 1
+        return self._item_logits(out.last_hidden_state[0, last])  # (B, H) -> (B, N+1)
+
     def logits(self, histories: torch.Tensor, shared_prefix: bool = False) -> torch.Tensor:
         """(B, N+1) item logits with gradients, padding column at -inf (training).
 

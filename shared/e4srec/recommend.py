@@ -63,20 +63,23 @@ class Recommender:
     def recommend(self, histories: list[list[str]], k: int | list[int], batch_size: int = 64) -> list[Recommendation]:
         """Top-k per history, in request order; `k` per request or one for all.
 
-        Histories are scored in batches of similar length (see `length_batches`): a batch is padded to
-        its longest history, and padding costs as much as real items.
+        An E4SRec scores histories packed into one sequence, `PACK_ITEMS` history items (and at most
+        `batch_size` users) per forward pass, so that no position is padding (`E4SRec.score_packed`).
+        A SASRec scores batches of similar length (`length_batches`), each padded to its longest history.
         """
         ks = check_ks([k] * len(histories) if isinstance(k, int) else list(k))
         encoded = [self.encode(list(h)) for h in histories]
         out: list[Recommendation | None] = [None] * len(encoded)
-        for rows in length_batches([len(ix) for ix, _ in encoded], batch_size):
+        lengths = [len(ix) for ix, _ in encoded]
+        packed = self.model.score_packed
+        for rows in (pack_batches(lengths, batch_size) if packed else length_batches(lengths, batch_size)):
             width = max(1, max(len(encoded[r][0]) for r in rows))
             hist = torch.zeros(len(rows), width, dtype=torch.long)
             for i, r in enumerate(rows):
                 if encoded[r][0]:
                     hist[i, -len(encoded[r][0]) :] = torch.tensor(encoded[r][0])
             hist = hist.to(self.device)
-            scores = self.model.score(hist).float()  # (B, N+1)
+            scores = (packed([encoded[r][0] for r in rows]) if packed else self.model.score(hist)).float()  # (B, N+1)
             # A broken (NaN, inf) score ranks after every real one but before what is never recommended.
             rank_last_if_not_finite(scores, floor=torch.finfo(scores.dtype).min)
             scores.scatter_(1, hist, float("-inf"))  # never recommend the history (or padding)
@@ -95,6 +98,26 @@ class Recommender:
 # it reads every weight once. SmolLM2 E4SRec in bf16 on 2 cores (bench/serving_batcher.py): 61 ms for one
 # 3-item history, ~1 ms per (user, position) at 64 users x 50 items.
 FORWARD_COST_POSITIONS = 32
+
+
+# History items per packed forward pass: the linear layers see only these (and each user's response
+# prefix); attention, which grows with the square of the packed length, stays a small part of the pass.
+PACK_ITEMS = 512
+
+
+def pack_batches(lengths: list[int], batch_size: int, budget: int = PACK_ITEMS) -> list[list[int]]:
+    """Indices in order, grouped while a group holds at most `batch_size` users and `budget` history items
+    (a longer history is a group of its own)."""
+    batches: list[list[int]] = []
+    items = 0
+    for i, n in enumerate(lengths):
+        if batches and len(batches[-1]) < batch_size and items + n <= budget:
+            batches[-1].append(i)
+            items += n
+        else:
+            batches.append([i])
+            items = n
+    return batches
 
 
 def length_batches(lengths: list[int], batch_size: int) -> list[list[int]]:

@@ -32,6 +32,8 @@ class TrainedModel:
     item_map_sha256: str
     score: Callable[[torch.Tensor], torch.Tensor]  # left-padded (B, T) item indices -> (B, N+1)
     module: torch.nn.Module  # the loaded E4SRec or SASRec
+    # histories of any lengths (item indices, no padding) -> (B, N+1), packed into one sequence; E4SRec only
+    score_packed: Callable[[list[list[int]]], torch.Tensor] | None = None
 
 
 def read_config(folder: Path | str) -> tuple[str, dict]:
@@ -58,6 +60,9 @@ def load(folder: Path | str, device: torch.device | str = "cpu", dtype: str | No
 
         def score(histories: torch.Tensor) -> torch.Tensor:
             return model.score_all_items(histories, cache)
+
+        def packed(histories: list[list[int]]) -> torch.Tensor:
+            return model.score_packed(histories, cache)
     else:
         if dtype or backbone:
             raise E4SRecError(f"{folder}: a SASRec model has no backbone; --dtype and a backbone apply to E4SRec")
@@ -65,9 +70,9 @@ def load(folder: Path | str, device: torch.device | str = "cpu", dtype: str | No
 
         sasrec = pretrain_sasrec.load_model(folder).to(device)
         max_len = sasrec.config.max_len
-        score, model = sasrec.score_all_items, sasrec
+        score, model, packed = sasrec.score_all_items, sasrec, None
     ids = ["<pad>"] + [str(x) for x in pq.read_table(folder / c.ITEM_MAP).column("item_id").to_pylist()]
     # the ids it answers with must be the ones it was trained on (or extended with)
     c.check_item_map_hash(c.item_map_hash(ids[1:]), str(meta.get("item_map_sha256", "")), str(folder / c.ITEM_MAP),
                           "the model folder's item_map.parquet was changed; restore it from the stage's output")
-    return TrainedModel(kind, folder, ids, int(max_len), str(meta.get("item_map_sha256", "")), score, model)
+    return TrainedModel(kind, folder, ids, int(max_len), str(meta.get("item_map_sha256", "")), score, model, packed)

@@ -129,11 +129,14 @@ def test_stage_end_to_end_on_a_beauty_slice(prepared: Path, sasrec_dir: Path, tm
     result = evaluate(lambda h: reloaded.score_all_items(h, cache), data, "test", progress=False)
     assert result.metrics()["test/full/NDCG@10"] == pytest.approx(metrics["test/full/NDCG@10"], abs=1e-9)
     assert torch.isfinite(first[:, 1:]).all()
-    # what recommend, batch-recommend and serving score with: the same histories packed, no padding
+    # what recommend, batch-recommend and serving score with: the adapter merged into the backbone and the
+    # histories packed, no padding; in fp32 the scores of the model as trained (in bf16, to bf16's precision)
     from e4srec.recommend import Recommender
 
-    packed = Recommender(out).model.score_packed([[i for i in row.tolist() if i] for row in hist])
-    torch.testing.assert_close(packed[:, 1:], first[:, 1:], atol=1e-4, rtol=1e-4)
+    as_trained = stage.load_model(out, dtype="fp32")
+    padded = as_trained.score_all_items(hist, as_trained.prefix_cache())
+    packed = Recommender(out, dtype="fp32").model.score_packed([[i for i in row.tolist() if i] for row in hist])
+    torch.testing.assert_close(packed[:, 1:], padded[:, 1:], atol=1e-4, rtol=1e-4)
 
     from peft import PeftModel
 
@@ -195,3 +198,16 @@ def test_head_init_from_items_is_the_projected_table_at_the_default_row_norm() -
     torch.testing.assert_close(model.head.weight, rows * scale)
     torch.testing.assert_close(model.head.weight[1:].norm(dim=1).mean(), default_norm)
     assert model.head.weight[0].abs().sum() == 0  # padding's row: zero, and its logit is -inf anyway
+
+
+def test_batches_are_packed_only_where_lengths_differ() -> None:
+    from e4srec.recommend import PACK_ITEMS, plan_batches
+
+    mixed = [1, 50, 7, 3, 30, 12, 2, 9]  # eight concurrent requests: one packed pass, not several padded ones
+    assert plan_batches(mixed, 64, packing=True) == [([0, 6, 3, 2, 7, 5, 4, 1], True)]  # by length
+    assert len(plan_batches(mixed, 64, packing=False)) > 1 and not any(p for _, p in plan_batches(mixed, 64, False))
+    assert plan_batches([50] * 64, 64, packing=True) == [(list(range(64)), False)]  # one length: padded, one pass
+    plan = plan_batches([5] * 40 + [50] * 40, 16, packing=True)
+    assert all(len(rows) <= 16 and sum(([5] * 40 + [50] * 40)[i] for i in rows) <= max(PACK_ITEMS, 16 * 50)
+               for rows, _ in plan)
+    assert sorted(i for rows, _ in plan for i in rows) == list(range(80))

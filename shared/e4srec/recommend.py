@@ -34,7 +34,8 @@ def check_ks(ks: list) -> list:
 
 
 class Recommender:
-    """A trained E4SRec or SASRec plus its item map (an E4SRec scores with its instruction prefix cached once)."""
+    """A trained E4SRec or SASRec plus its item map (an E4SRec scores with its instruction prefix cached once
+    and its LoRA adapter merged into the backbone: see `trained.load`)."""
 
     def __init__(self, model_dir: Path | str, device: str = "cpu", dtype: str | None = None,
                  backbone: str | None = None) -> None:
@@ -42,7 +43,7 @@ class Recommender:
         from e4srec.storage import fetch
 
         self.model_dir = Path(fetch(model_dir))
-        self.model = trained.load(self.model_dir, device, dtype, backbone)
+        self.model = trained.load(self.model_dir, device, dtype, backbone, merge_adapter=True)
         self.device = torch.device(device)
         self.item_ids = self.model.item_ids
         self.index = {item: i for i, item in enumerate(self.item_ids) if i}
@@ -63,16 +64,16 @@ class Recommender:
     def recommend(self, histories: list[list[str]], k: int | list[int], batch_size: int = 64) -> list[Recommendation]:
         """Top-k per history, in request order; `k` per request or one for all.
 
-        An E4SRec scores histories packed into one sequence, `PACK_ITEMS` history items (and at most
-        `batch_size` users) per forward pass, so that no position is padding (`E4SRec.score_packed`).
-        A SASRec scores batches of similar length (`length_batches`), each padded to its longest history.
+        Histories are scored in batches of similar length (`length_batches`), each padded to its longest
+        history. An E4SRec packs small batches of different lengths (a server's concurrent requests)
+        into one sequence instead, so that they share one forward pass with no padding (`plan_batches`).
         """
         ks = check_ks([k] * len(histories) if isinstance(k, int) else list(k))
         encoded = [self.encode(list(h)) for h in histories]
         out: list[Recommendation | None] = [None] * len(encoded)
         lengths = [len(ix) for ix, _ in encoded]
-        packed = self.model.score_packed
-        for rows in (pack_batches(lengths, batch_size) if packed else length_batches(lengths, batch_size)):
+        for rows, pack in plan_batches(lengths, batch_size, packing=self.model.score_packed is not None):
+            packed = self.model.score_packed if pack else None
             width = max(1, max(len(encoded[r][0]) for r in rows))
             hist = torch.zeros(len(rows), width, dtype=torch.long)
             for i, r in enumerate(rows):
@@ -105,19 +106,22 @@ FORWARD_COST_POSITIONS = 32
 PACK_ITEMS = 512
 
 
-def pack_batches(lengths: list[int], batch_size: int, budget: int = PACK_ITEMS) -> list[list[int]]:
-    """Indices in order, grouped while a group holds at most `batch_size` users and `budget` history items
-    (a longer history is a group of its own)."""
-    batches: list[list[int]] = []
-    items = 0
-    for i, n in enumerate(lengths):
-        if batches and len(batches[-1]) < batch_size and items + n <= budget:
-            batches[-1].append(i)
-            items += n
-        else:
-            batches.append([i])
-            items = n
-    return batches
+def plan_batches(lengths: list[int], batch_size: int, packing: bool) -> list[tuple[list[int], bool]]:
+    """(indices, packed) per forward pass: `length_batches`, then, with `packing`, consecutive batches
+    merged while the merged one holds at most `batch_size` users and `PACK_ITEMS` history items; a
+    merged batch is scored packed, one of similar lengths padded. Eight requests of lengths 1 to 50
+    are one packed pass instead of several padded ones, each reading every weight; 64 histories of
+    one length stay one padded pass."""
+    plan: list[tuple[list[int], bool]] = []
+    for rows in length_batches(lengths, batch_size):
+        if packing and plan:
+            last, _ = plan[-1]
+            if (len(last) + len(rows) <= batch_size
+                    and sum(lengths[i] for i in last) + sum(lengths[i] for i in rows) <= PACK_ITEMS):
+                plan[-1] = (last + rows, True)
+                continue
+        plan.append((rows, False))
+    return plan
 
 
 def length_batches(lengths: list[int], batch_size: int) -> list[list[int]]:

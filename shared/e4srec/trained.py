@@ -46,8 +46,13 @@ def read_config(folder: Path | str) -> tuple[str, dict]:
 
 
 def load(folder: Path | str, device: torch.device | str = "cpu", dtype: str | None = None,
-         backbone: str | None = None) -> TrainedModel:
-    """Load a model folder for scoring; `dtype` and `backbone` (a spec) replace an E4SRec's recorded ones."""
+         backbone: str | None = None, merge_adapter: bool = False) -> TrainedModel:
+    """Load a model folder for scoring; `dtype` and `backbone` (a spec) replace an E4SRec's recorded ones.
+
+    `merge_adapter`: fold an E4SRec's LoRA weights into the backbone's (unless it is quantized), so that
+    a forward pass skips the 90 small adapter products; in bf16 the sums are rounded to bf16, so scores
+    move by about bf16's precision. For serving; the evaluator and the gate score the adapter as trained.
+    """
     folder = Path(folder)
     kind, meta = read_config(folder)
     device = torch.device(device)
@@ -55,7 +60,9 @@ def load(folder: Path | str, device: torch.device | str = "cpu", dtype: str | No
         from e4srec.stages import train_e4srec
 
         model = train_e4srec.load_model(folder, device, dtype, backbone=backbone)
-        cache = model.prefix_cache()
+        if merge_adapter and meta["llm"].get("quantization", "none") == "none":
+            model.llm.merge_adapter()
+        cache = model.prefix_cache()  # after any merge: the instruction's keys and values pass the adapter
         max_len = model.config.max_len
 
         def score(histories: torch.Tensor) -> torch.Tensor:

@@ -264,10 +264,6 @@ class Backbone:
     source: str  # what from_pretrained loaded
     fingerprint: str  # architecture hash: an adapter for another architecture is refused
 
-    @property
-    def hidden_size(self) -> int:
-        return int(self.model.config.hidden_size)
-
     def identity(self) -> dict[str, str]:
         """What an adapter records about the base it was trained on."""
         return {"backbone": self.spec, "fingerprint": self.fingerprint}

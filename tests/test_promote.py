@@ -65,7 +65,7 @@ def test_each_move_is_a_readable_tag_in_the_ui_beside_its_record(versions: None)
     assert len(readable) == 1 and len(records) == 1
     assert readable[0].startswith("champion: version 1 -> 3  (") and readable[0].endswith(" UTC)"), readable[0]
     assert not readable[0].startswith("{") and records[0]["from"] == "1"
-    # a version tagged the way 0.1.0 before readable tags did (the JSON under MOVE_TAG) is still history
+    # a move an earlier build recorded (the JSON under MOVE_TAG) is still history
     old = {**records[0], "from": "3", "to": "2", "when": records[0]["when"] + 1}
     registry.client().set_model_version_tag(NAME, "2", f"{registry.MOVE_TAG}{int(old['when'] * 1000)}", json.dumps(old))
     assert registry.champions(NAME) == ["1", "3", "2"]

@@ -9,5 +9,5 @@ try:
 except PackageNotFoundError:  # running from a source tree that is not installed
     VERSION = "0.0.0"
 
-# No registry host here: the cluster profile prefixes its own registry (issue #6).
+# No registry host here: the cluster profile prefixes its own registry.
 CPU_IMAGE = f"e4srec/e4srec-cpu:{VERSION}"

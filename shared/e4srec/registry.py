@@ -219,7 +219,7 @@ def alias_history(name: str, alias: str | None = None) -> list[dict]:
     """Every recorded alias move of a registered model, oldest first."""
     moves = []
     for mv in client().search_model_versions(f"name = '{name}'"):
-        for key, value in (mv.tags or {}).items():  # (before 0.1.0's readable tags, MOVE_TAG held the JSON)
+        for key, value in (mv.tags or {}).items():  # JSON under MOVE_TAG: a move recorded by an earlier build
             if key.startswith(MOVE_RECORD_TAG) or key.startswith(MOVE_TAG) and value.startswith("{"):
                 moves.append(json.loads(value))
     return sorted((m for m in moves if alias is None or m["alias"] == alias), key=lambda m: m["when"])

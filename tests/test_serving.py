@@ -220,3 +220,47 @@ def test_concurrent_requests_are_scored_together_with_the_same_answers(sasrec_di
     with pytest.raises(E4SRecError, match="k must be a positive integer"):
         batcher.recommend([histories[0]], [0])
     assert batcher.recommend([histories[1]], [2])[0].items == expected[1].items  # the batcher still serves
+
+
+def test_the_batcher_waits_for_as_many_requests_as_were_in_flight_and_a_lone_client_never_waits(
+        sasrec_dir: Path) -> None:
+    import random
+    from concurrent.futures import ThreadPoolExecutor
+
+    from e4srec.recommend import MicroBatcher
+
+    recommender = Recommender(sasrec_dir)
+    ids = recommender.item_ids[1:]
+    batches: list[int] = []
+    real = recommender.recommend
+
+    def counting(hs: list, ks: list, batch_size: int = 64) -> list:
+        batches.append(len(hs))
+        time.sleep(0.03)  # a forward pass takes time: the clients' requests overlap
+        return real(hs, ks, batch_size=batch_size)
+
+    recommender.recommend = counting
+    start = time.perf_counter()
+    lone = MicroBatcher(recommender, linger_s=3.0)  # long enough that any wait would show
+    for i in range(5):  # one client, one request at a time: batches of one, never held back
+        lone.recommend([[ids[i]]], [3])
+    assert batches == [1] * 5 and time.perf_counter() - start < 3.0
+
+    def closed_loop(batcher: MicroBatcher) -> list[int]:
+        batches.clear()
+
+        def client(c: int) -> None:
+            rng = random.Random(c)
+            for i in range(12):  # each comes back 0-5 ms after its answer, as over HTTP
+                time.sleep(rng.uniform(0, 0.005))
+                batcher.recommend([[ids[(c * 12 + i) % len(ids)]]], [3])
+
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(client, range(8)))
+        assert sum(batches) == 96
+        return list(batches)
+
+    waiting = closed_loop(MicroBatcher(recommender, linger_s=0.02))
+    eager = closed_loop(MicroBatcher(recommender, linger_s=0.0))
+    assert len(waiting) < len(eager), (waiting, eager)  # fewer, fuller passes
+    assert waiting[2:].count(8) >= len(waiting[2:]) - 2, waiting  # once the eight are seen, whole rounds

@@ -321,18 +321,14 @@ def profile_edit(old: str, new: str) -> Callable[[Work], Path]:
     return make
 
 
-def run_folder(w: Work, record: str) -> Path:
-    run = w.tmp / "runs" / "e4srec-earlier"
-    run.mkdir(parents=True)
-    (run / "pipeline_run.json").write_text(record)
-    return run
-
-
-def rerun_cmd(stage: str, *extra: str) -> Callable:
-    """`rerun STAGE --from` a run folder (empty: the pipeline's defaults apply), with --set values."""
+def rerun_cmd(stage: str, *extra: str, record: str | None = None) -> Callable:
+    """`rerun STAGE --from` a run folder, with --set values; the folder is empty (the pipeline's defaults
+    apply) or holds `record` as its pipeline_run.json."""
     def build(w: Work) -> tuple[list, Path, list[Path]]:
         run = w.tmp / "runs" / "e4srec-earlier"
         run.mkdir(parents=True)
+        if record is not None:
+            (run / "pipeline_run.json").write_text(record)
         root = w.tmp / "rerun-root"
         return ["rerun", stage, "--from", run, "--pipeline-root", root, *extra], root, [run]
 
@@ -673,9 +669,8 @@ CASES: list[Case] = [
      ["config.json", "field 'item_map_sha256'"]),
     ("report-training-log-damaged", report(e4srec=lambda w: with_file(w, w.e4srec, "training_log.json", '{"a": 1}')),
      ["training_log.json", "JSON list"]),
-    ("rerun-run-record-damaged", lambda w: (lambda run: (["rerun", "pretrain-sasrec", "--from", run, "--pipeline-root",
-                                                          w.tmp / "rr"], w.tmp / "rr", [run]))(
-        run_folder(w, '{"run_id": "x", "parameters": [1]}')), ["pipeline_run.json", "field 'parameters'"]),
+    ("rerun-run-record-damaged", rerun_cmd("pretrain-sasrec", record='{"run_id": "x", "parameters": [1]}'),
+     ["pipeline_run.json", "field 'parameters'"]),
     # rerun: --set values checked before anything runs
     ("rerun-set-epochs-0", rerun_cmd("pretrain-sasrec", "--set", "epochs=0"), ["epochs=0", ">= 1"]),
     ("rerun-set-dropout-2", rerun_cmd("pretrain-sasrec", "--set", "dropout=2"), ["dropout=2.0"]),

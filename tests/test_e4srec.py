@@ -207,7 +207,9 @@ def test_batches_are_packed_only_where_lengths_differ() -> None:
     assert plan_batches(mixed, 64, packing=True) == [([0, 6, 3, 2, 7, 5, 4, 1], True)]  # by length
     assert len(plan_batches(mixed, 64, packing=False)) > 1 and not any(p for _, p in plan_batches(mixed, 64, False))
     assert plan_batches([50] * 64, 64, packing=True) == [(list(range(64)), False)]  # one length: padded, one pass
-    plan = plan_batches([5] * 40 + [50] * 40, 16, packing=True)
-    assert all(len(rows) <= 16 and sum(([5] * 40 + [50] * 40)[i] for i in rows) <= max(PACK_ITEMS, 16 * 50)
-               for rows, _ in plan)
+    lengths = [5] * 40 + [50] * 40
+    plan = plan_batches(lengths, 16, packing=True)
+    assert all(len(rows) <= 16 for rows, _ in plan)
+    assert all(sum(lengths[i] for i in rows) <= PACK_ITEMS for rows, packed in plan if packed)
+    assert all(len({lengths[i] for i in rows}) == 1 for rows, packed in plan if not packed)
     assert sorted(i for rows, _ in plan for i in rows) == list(range(80))

@@ -142,8 +142,9 @@ def test_nan_scores_are_never_recommended(bf16_model: tuple[Path, dict]) -> None
 
         return scores
 
-    for packed in (model.score_packed, None):  # both scoring paths
-        model.score, model.score_packed = with_nan(model.score), packed and with_nan(packed)
+    score, packed = model.score, model.score_packed
+    for path in ("packed", "padded"):  # both scoring paths
+        model.score, model.score_packed = with_nan(score), with_nan(packed) if path == "packed" else None
         (rec,) = recommender.recommend([[]], 20)
         assert not {recommender.index[i] for i in rec.items} & broken and all(np.isfinite(rec.scores))
         (everything,) = recommender.recommend([[recommender.item_ids[1]]], recommender.n_items)

@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     data = c.load_sequence_data(args.data)
-    histories, targets = stage.build_examples(data, 50)
+    histories, targets = data.prefix_examples(50)
     lengths = (histories > 0).sum(1)
     torch.manual_seed(0)
     table = torch.randn(data.n_items + 1, 64) * 0.1  # speed does not depend on the table's values

@@ -25,9 +25,9 @@ import time
 from pathlib import Path
 
 from benchlib import command, emit, machine
+from e4srec import checkpoints, published
 from e4srec import config as cfg
 from e4srec import contracts as c
-from e4srec import published
 from e4srec.stages import train_e4srec as stage
 
 KEYS = ("HR@10", "NDCG@10", "HR@20", "NDCG@20", "MRR")
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
 
     sessions_file = args.output.with_name(args.output.name + ".sessions.json")
     sessions = json.loads(sessions_file.read_text()) if sessions_file.is_file() else []
-    progress = stage.checkpoint_root(config, args.output) / "progress.json"
+    progress = checkpoints.checkpoint_root(config.checkpoint_dir, args.output) / "progress.json"
     if sessions and sessions[-1]["end"] is None:  # stopped: its work counts up to its last checkpoint
         sessions[-1]["end"] = progress.stat().st_mtime if progress.is_file() else sessions[-1]["start"]
         sessions[-1]["stopped"] = True

@@ -26,11 +26,11 @@ from benchlib import command, emit, machine
 from e4srec import config as cfg
 from e4srec import contracts as c
 from e4srec import published
+from e4srec import sasrec as sasrec_model
 from e4srec.backbones import BackboneOptions, load_backbone
 from e4srec.data import seeded_subset
 from e4srec.device import resolve_device
 from e4srec.evaluate import evaluate
-from e4srec.stages import pretrain_sasrec
 from e4srec.stages import train_e4srec as stage
 from e4srec.tracking import Tracker
 
@@ -52,13 +52,13 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
 
     data = c.load_sequence_data(args.data)
-    table = pretrain_sasrec.load_item_embeddings(args.sasrec, data.item_map_sha256)
+    table = sasrec_model.load_item_embeddings(args.sasrec, data.item_map_sha256)
     torch.manual_seed(config.seed)
     t0 = time.perf_counter()
     backbone = load_backbone(options, device)
     load_seconds = time.perf_counter() - t0
     model = stage.build_model(config, backbone, table, data.n_items, data.max_len).to(device)
-    histories, targets = stage.build_examples(data, config.max_targets_per_user)
+    histories, targets = data.prefix_examples(config.max_targets_per_user)
     keep = seeded_subset(len(targets), config.max_examples, config.seed)
     if keep is not None:
         histories, targets = histories[keep], targets[keep]
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
 
     sasrec_metrics = json.loads((args.sasrec / c.METRICS).read_text())
     # SASRec scored by the same evaluator on the same users: the baseline this run must beat.
-    sasrec = pretrain_sasrec.load_model(args.sasrec, data).to(device).eval()
+    sasrec = sasrec_model.load_model(args.sasrec, data).to(device).eval()
     sasrec_same: dict[str, float] = {}
     for split in c.SPLITS:
         sasrec_same |= evaluate(sasrec.score_all_items, data, split, batch_size=256, device=device, users=users,

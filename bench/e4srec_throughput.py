@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
                          "test/full/HR@10": result.metrics()["test/full/HR@10"]}
     speedup = ranking["prefix cache"]["users_per_second"] / ranking["no prefix cache"]["users_per_second"]
 
-    histories, targets = stage.build_examples(data, config.max_targets_per_user)
+    histories, targets = data.prefix_examples(config.max_targets_per_user)
     lengths = (histories > 0).sum(1)
     batches = stage.epoch_batches(lengths, config, epoch=0)[: args.train_steps + 1]
     model.train()

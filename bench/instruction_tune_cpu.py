@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from benchlib import command, emit, machine
 from e4srec import contracts as c
+from e4srec import llm
 from e4srec.backbones import BackboneOptions, load_backbone
 from e4srec.stages import instruction_tune as stage
 
@@ -40,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         wall = time.perf_counter() - t0
         from peft import PeftModel
 
-        mine, _ = stage.load_tuned_backbone(out)
+        mine, _ = llm.load_tuned_backbone(out)
         ids = mine.tokenizer("Name three colors.", return_tensors="pt")["input_ids"]
         plain = PeftModel.from_pretrained(load_backbone(BackboneOptions(backbone=args.backbone)).model,
                                           str(out / "adapter"))

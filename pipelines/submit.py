@@ -1,6 +1,7 @@
 """Thin entry points on the pipeline factory: submit to Kubeflow, and rerun one stage from earlier outputs."""
 
 # No `from __future__ import annotations`: KFP reads the one-stage pipeline's real annotations.
+import dataclasses
 import inspect
 import tempfile
 from dataclasses import dataclass
@@ -10,7 +11,8 @@ from typing import Any
 import yaml
 from e4srec import contracts as c
 from e4srec.errors import E4SRecError
-from e4srec_pipelines.pipeline import PIPELINE_NAME, check_arguments, configure_for, create_pipeline, stage_components
+from e4srec.settings import COMPONENT_NAMES, STAGES, check_pipeline_arguments
+from e4srec_pipelines.pipeline import PIPELINE_NAME, configure_for, create_pipeline, stage_components
 from e4srec_pipelines.profiles import load_profile
 from kfp import compiler, dsl
 
@@ -185,7 +187,7 @@ def submit(arguments: dict[str, Any], *, host: str, profile: str = "cluster", pi
     Kubeflow Pipelines API at `host`, under `pipeline_root` (default: the profile's)."""
     check_host(host)
     if pipeline is None:
-        check_arguments(arguments)
+        check_pipeline_arguments(arguments)
     loaded = load_profile(profile)
     if pipeline_root is None:
         pipeline_root = loaded.pipeline_root
@@ -366,24 +368,16 @@ def convert(component: Any, settings: list[str]) -> dict[str, Any]:
 
 
 def check_stage_parameters(stage: str, params: dict[str, Any]) -> None:
-    """Build the stage's config from the parameters a rerun would pass it, so that a bad `--set` value
-    is one line here rather than a failed task (the component builds the same config from them)."""
-    import dataclasses
-
-    from e4srec.stages import batch_recommend, deploy, instruction_tune, pretrain_sasrec, train_e4srec
-
-    configs = {"pretrain-sasrec": pretrain_sasrec.PretrainSasrecConfig,
-               "instruction-tune": instruction_tune.InstructionTuneConfig,
-               "train-e4srec": train_e4srec.TrainE4SRecConfig, "deploy": deploy.DeployConfig,
-               "batch-recommend": batch_recommend.BatchRecommendConfig}
-    if stage not in configs:  # report: no settings beyond its inputs
+    """Build the stage's config from the parameters a rerun would pass its component, so that a bad `--set`
+    value is one line here rather than a failed task (the component builds the same config from them)."""
+    if stage not in STAGES:  # report: no settings beyond its inputs
         return
-    values = dict(params)
-    if stage == "instruction-tune":  # the component's names for two fields (components/instruction_tune)
-        values["backbone"] = values.pop("backbone_spec", "smollm2-135m")
-        values["skip"] = bool(values.get("skip", False)) or not values.pop("tune", True)
-    fields = {f.name for f in dataclasses.fields(configs[stage])}
-    configs[stage](**{k: v for k, v in values.items() if k in fields})
+    config = STAGES[stage]
+    fields = {COMPONENT_NAMES.get((stage, f.name), f.name): f.name for f in dataclasses.fields(config)}
+    values = {fields[k]: v for k, v in params.items() if k in fields}
+    if stage == "instruction-tune":  # the component skips when told to, or when not told to tune
+        values["skip"] = bool(values.get("skip", False)) or not params.get("tune", True)
+    config(**values)
 
 
 def rerun_pipeline(stage: str, run: EarlierRun, settings: list[str], profile: str = "local",

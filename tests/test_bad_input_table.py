@@ -100,7 +100,7 @@ def edited_json(w: Work, folder: Path, name: str, edit: Callable[[dict], None]) 
 def nan_embedding_row(w: Work, folder: Path, row: int = 3) -> Path:
     from safetensors.torch import load_file, save_file
 
-    from e4srec.stages import pretrain_sasrec as ps
+    from e4srec import sasrec as ps
 
     dst = w.copy(folder, "nan-embeddings")
     path = dst / ps.EMBEDDINGS

@@ -18,7 +18,7 @@ from helpers import e4srec
         ("evaluate", ["--model", "--data", "--output"]),
         ("run", ["--input", "--pipeline-root", "--sasrec-loss", "--sasrec-epochs", "--experiment"]),
         ("compile", ["--output", "--profile"]),
-        ("submit", ["--host", "--namespace", "--experiment", "--token", "--cookie", "--profile", "--input",
+        ("submit", ["--host", "--namespace", "--kfp-experiment", "--experiment", "--token", "--cookie", "--profile", "--input",
                     "--force-promote", "--no-force-promote", "--instruction-tune-backbone"]),
         ("rerun", ["--from", "--set", "--input-override", "--profile", "--host"]),
         ("deploy", ["--model", "--sasrec", "--data", "--metric", "--min-margin", "--when-no-champion", "--force-promote"]),
@@ -36,6 +36,25 @@ def test_help(command: str, flags: list[str]) -> None:
     for flag in flags:
         assert flag in result.stdout
     assert "--no-no-" not in result.stdout
+
+
+def test_help_imports_neither_torch_nor_kfp() -> None:
+    """Every command's --help is built from e4srec.settings and the command tables, so it answers at once."""
+    import subprocess
+    import sys
+
+    code = ("import contextlib, io, sys\n"
+            "from e4srec.cli import build_parser\n"
+            "from e4srec.commands import operations, pipeline, stages\n"
+            "parser = build_parser()\n"
+            "names = [c.name for c in stages.COMMANDS + operations.COMMANDS + pipeline.COMMANDS]\n"
+            "for name in names:\n"
+            "    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+            "        parser.parse_args([name, '--help'])\n"
+            "print(len(names), sorted(m for m in ('torch', 'kfp', 'mlflow') if m in sys.modules))\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["17", "[]"], result.stdout
 
 
 def test_stage_commands_as_documented(tmp_path: Path, beauty_slice: Path) -> None:

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from e4srec import contracts as c
+from e4srec import e4srec as e4srec_model
 from e4srec.backbones import BackboneOptions, load_backbone
 from e4srec.e4srec import E4SRec, E4SRecConfig
 from e4srec.errors import E4SRecError
@@ -106,7 +107,7 @@ def test_examples_are_every_prefix_with_capped_targets_and_cut_histories(tmp_pat
     raw.write_text("1 " + " ".join(str(i) for i in range(1, 10)) + "\n2 3 4 5 6\n3 10 11 12\n")
     prepare_data.run(prepare_data.PrepareDataConfig(max_len=3, n_negatives=1), raw, tmp_path / "d")
     data = c.load_sequence_data(tmp_path / "d")
-    hist, tgt = stage.build_examples(data, max_targets=4)
+    hist, tgt = data.prefix_examples(4)
     # user 1: train = items 1..7 -> targets 4..7 (the last 4), histories cut to 3; user 2: train = 3 4;
     # user 3: train = 10, no history to predict from
     assert tgt.tolist() == [4, 5, 6, 7, 4]
@@ -119,9 +120,9 @@ def test_stage_end_to_end_on_a_beauty_slice(prepared: Path, sasrec_dir: Path, tm
     out = tmp_path / "e4srec"
     assert metrics["train/loss_last"] < metrics["train/loss_first"]
     assert {"test/full/HR@10", "valid/sampled/NDCG@10", "eval/users_per_second"} <= set(metrics)
-    assert c.read_json(out / stage.CONFIG)["llm"]["backbone"] == "tiny"
+    assert c.read_json(out / e4srec_model.CONFIG)["llm"]["backbone"] == "tiny"
     data = c.load_sequence_data(prepared)
-    reloaded = stage.load_model(out)
+    reloaded = e4srec_model.load_model(out)
     hist = torch.as_tensor(data.split("test")[0][:8, -10:])
     first = reloaded.score_all_items(hist, reloaded.prefix_cache())
     # metrics were computed by the in-memory model; the reloaded one must rank identically
@@ -133,7 +134,7 @@ def test_stage_end_to_end_on_a_beauty_slice(prepared: Path, sasrec_dir: Path, tm
     # histories packed, no padding; in fp32 the scores of the model as trained (in bf16, to bf16's precision)
     from e4srec.recommend import Recommender
 
-    as_trained = stage.load_model(out, dtype="fp32")
+    as_trained = e4srec_model.load_model(out, dtype="fp32")
     padded = as_trained.score_all_items(hist, as_trained.prefix_cache())
     packed = Recommender(out, dtype="fp32").model.score_packed([[i for i in row.tolist() if i] for row in hist])
     torch.testing.assert_close(packed[:, 1:], padded[:, 1:], atol=1e-4, rtol=1e-4)
@@ -141,7 +142,7 @@ def test_stage_end_to_end_on_a_beauty_slice(prepared: Path, sasrec_dir: Path, tm
     from peft import PeftModel
 
     decoder = load_backbone(BackboneOptions(backbone="tiny")).model.get_decoder()
-    peft = PeftModel.from_pretrained(decoder, str(out / stage.ADAPTER))  # a plain PEFT adapter folder
+    peft = PeftModel.from_pretrained(decoder, str(out / e4srec_model.ADAPTER))  # a plain PEFT adapter folder
     assert any("lora_" in n for n, _ in peft.named_parameters())
 
 

@@ -9,8 +9,9 @@ import pandas as pd
 import pytest
 import torch
 from e4srec import contracts as c
+from e4srec import e4srec as e4srec_model
+from e4srec import sasrec as sasrec_model
 from e4srec.extend import fit_head_rows
-from e4srec.stages import pretrain_sasrec
 from e4srec.stages import train_e4srec as stage
 from helpers import e4srec
 from safetensors.torch import load_file
@@ -25,7 +26,7 @@ def trained(prepared: Path, sasrec_dir: Path, tmp_path_factory: pytest.TempPathF
 
 
 def test_old_scores_unchanged_and_new_items_rankable(trained: Path, prepared: Path, tmp_path: Path) -> None:
-    table = pretrain_sasrec.load_item_embeddings(trained, c.read_json(trained / "config.json")["item_map_sha256"])
+    table = sasrec_model.load_item_embeddings(trained, c.read_json(trained / "config.json")["item_map_sha256"])
     n = table.shape[0] - 1
     clone = table[5].numpy()  # a new item that looks exactly like item 5 in SASRec space
     rng = np.random.default_rng(0)
@@ -35,7 +36,7 @@ def test_old_scores_unchanged_and_new_items_rankable(trained: Path, prepared: Pa
     result = e4srec("extend-items", "--model", trained, "--new-items", tmp_path / "new.parquet",
                     "--output", tmp_path / "extended")
     assert result.returncode == 0, result.stderr
-    before, after = stage.load_model(trained), stage.load_model(tmp_path / "extended")
+    before, after = e4srec_model.load_model(trained), e4srec_model.load_model(tmp_path / "extended")
     data = c.load_sequence_data(prepared)
     hist = torch.as_tensor(data.split("test")[0][:64, -20:])
     s0 = before.score_all_items(hist, before.prefix_cache())
@@ -44,7 +45,7 @@ def test_old_scores_unchanged_and_new_items_rankable(trained: Path, prepared: Pa
     torch.testing.assert_close(s1[:, : n + 1], s0)  # every old item scores exactly as before
     assert torch.isfinite(s1[:, n + 1 :]).all()
     # the new head rows are the ridge map, fitted on the trained items, applied to the new embeddings
-    head = load_file(str(trained / stage.HEAD))["head.weight"]
+    head = load_file(str(trained / e4srec_model.HEAD))["head.weight"]
     expected = fit_head_rows(table[1:], head[1:], table[5:6])
     torch.testing.assert_close(after.head.weight[n + 1 : n + 2].detach(), expected)
     with_new = after.score_all_items(torch.tensor([[3, n + 1, n + 2]]), after.prefix_cache())

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from e4srec import contracts as c
+from e4srec import llm
 from e4srec.backbones import BackboneOptions, load_backbone
 from e4srec.errors import E4SRecError
 from e4srec.stages import instruction_tune as stage
@@ -39,7 +40,7 @@ def test_adapter_reloads_with_plain_peft_and_gives_the_same_logits(tuned: Path) 
     from peft import PeftModel
 
     ids = torch.tensor([[5, 17, 42, 99, 3]])
-    in_memory, descriptor = stage.load_tuned_backbone(tuned)  # adapter merged by e4srec
+    in_memory, descriptor = llm.load_tuned_backbone(tuned)  # adapter merged by e4srec
     assert descriptor["adapter"] == "adapter" and descriptor["backbone"] == "tiny"
     fp32 = BackboneOptions(backbone="tiny", dtype="fp32")
     plain = PeftModel.from_pretrained(load_backbone(fp32).model, str(tuned / "adapter"))
@@ -56,7 +57,7 @@ def test_adapter_for_another_base_is_refused(tuned: Path) -> None:
     other = load_backbone(BackboneOptions(backbone="tiny"))
     other.spec, other.fingerprint = "smollm2-135m", "0123456789abcdef"
     with pytest.raises(E4SRecError, match="adapter was trained on backbone 'tiny'"):
-        stage.apply_adapter(other, tuned / "adapter")
+        llm.apply_adapter(other, tuned / "adapter")
 
 
 def test_skip_passes_the_base_through(tmp_path: Path) -> None:
@@ -64,7 +65,7 @@ def test_skip_passes_the_base_through(tmp_path: Path) -> None:
     metrics = stage.run(config, None, tmp_path / "out")
     assert metrics == {"instruct/skipped": 1.0}
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["backbone.json", "metrics.json"]
-    backbone, descriptor = stage.load_tuned_backbone(tmp_path / "out")
+    backbone, descriptor = llm.load_tuned_backbone(tmp_path / "out")
     assert descriptor["skipped"] and descriptor["adapter"] is None
     base = load_backbone(BackboneOptions(backbone="tiny"))
     ids = torch.tensor([[1, 2, 3]])
@@ -76,8 +77,8 @@ def test_a_bf16_backbone_carries_the_adapter_and_e4srec_builds_on_it(tuned: Path
     from e4srec.stages import train_e4srec
 
     ids = torch.tensor([[5, 17, 42, 99, 3]])
-    merged, _ = stage.load_tuned_backbone(tuned)  # fp32, as recorded
-    half, descriptor = stage.load_tuned_backbone(tuned, dtype="bf16")
+    merged, _ = llm.load_tuned_backbone(tuned)  # fp32, as recorded
+    half, descriptor = llm.load_tuned_backbone(tuned, dtype="bf16")
     base = load_backbone(BackboneOptions(backbone="tiny", dtype="fp32")).model
     assert descriptor["dtype"] == "bf16" and next(half.model.parameters()).dtype == torch.bfloat16
     with torch.no_grad():

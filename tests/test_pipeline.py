@@ -84,6 +84,8 @@ def test_local_run_of_the_pipeline(tmp_path: Path, beauty_slice: Path, monkeypat
     pages = {a.path for a in mlflow.MlflowClient().list_artifacts(report["run_id"], "report")}
     assert "report/report.html" in pages
     assert (run_dir / "report" / "report" / "report.html").is_file() and "run report:" in result.stdout
+    page = (run_dir / "report" / "report" / "report.html").read_text()
+    assert f"<h1>E4SRec run report: {parent['tags.kfp.run_name']}</h1>" in page  # titled with the pipeline run
     trained = c.read_json(run_dir / "train-e4srec" / "model" / "config.json")
     assert trained["llm"]["backbone"] == "tiny" and trained["instruct_adapter"] == "instruct_adapter"
     assert "E4SRec        test   full" in result.stdout

@@ -12,7 +12,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from e4srec import checkpoints
 from e4srec import contracts as c
+from e4srec import e4srec as e4srec_model
+from e4srec import sasrec as sasrec_model
 from e4srec.backbones import attention_for, resolve_dtype
 from e4srec.device import cpu_flags, cpu_has_bf16_units
 from e4srec.evaluate import evaluate, full_ranks, metrics_from_ranks, rank_last_if_not_finite, sampled_ranks
@@ -40,12 +43,12 @@ def bf16_model(prepared: Path, sasrec_dir: Path, tmp_path_factory: pytest.TempPa
 
 def test_bf16_trains_and_evaluates(bf16_model: tuple[Path, dict]) -> None:
     out, metrics = bf16_model
-    saved = c.read_json(out / stage.CONFIG)
+    saved = c.read_json(out / e4srec_model.CONFIG)
     assert saved["llm"]["dtype"] == "bf16" and saved["trained_dtype"] == "bf16"
     assert metrics["train/loss_last"] < metrics["train/loss_first"]
     ranked = {k: v for k, v in metrics.items() if k.startswith(("valid/", "test/"))}
     assert ranked and all(np.isfinite(v) and 0 <= v <= 1 for v in ranked.values())
-    model = stage.load_model(out)  # the recorded precision comes back
+    model = e4srec_model.load_model(out)  # the recorded precision comes back
     assert next(model.llm.get_base_model().parameters()).dtype == torch.bfloat16
     assert {p.dtype for p in model.trainable_state().values()} == {torch.float32}  # LoRA, projection, head
 
@@ -56,7 +59,7 @@ def test_bf16_ranks_like_fp32_on_the_same_model(bf16_model: tuple[Path, dict], p
     hist = torch.as_tensor(data.split("test")[0][:64, -20:])
     scores = {}
     for dtype in ("bf16", "fp32"):
-        model = stage.load_model(out, dtype=dtype)
+        model = e4srec_model.load_model(out, dtype=dtype)
         scores[dtype] = model.score_all_items(hist, model.prefix_cache())[:, 1:]
     lo, hi = scores["bf16"], scores["fp32"]
     spread = hi.std(dim=1, keepdim=True)
@@ -167,19 +170,18 @@ def test_a_diverging_loss_stops_training_with_one_line(prepared: Path, sasrec_di
 def test_resume_refuses_a_checkpoint_of_another_precision(prepared: Path, sasrec_dir: Path, tmp_path: Path) -> None:
     from e4srec.backbones import BackboneOptions, load_backbone
     from e4srec.errors import E4SRecError
-    from e4srec.stages import pretrain_sasrec
     from e4srec.tracking import Tracker
 
     data = c.load_sequence_data(prepared)
-    table = pretrain_sasrec.load_item_embeddings(sasrec_dir, data.item_map_sha256)
-    histories, targets = stage.build_examples(data, 50)
+    table = sasrec_model.load_item_embeddings(sasrec_dir, data.item_map_sha256)
+    histories, targets = data.prefix_examples(50)
     config = stage.TrainE4SRecConfig(batch_size=16, max_examples=64, checkpoint_every=2, resume=True, device="cpu")
-    checkpoints = stage.Checkpoints(tmp_path / "ckpt", rank=0)
+    saved = checkpoints.Checkpoints(tmp_path / "ckpt", rank=0)
 
     def train(dtype: str) -> None:
         backbone = load_backbone(BackboneOptions(backbone="tiny", dtype=dtype))
         model = stage.build_model(config, backbone, table, data.n_items, data.max_len)
-        stage.train(config, model, histories[:64], targets[:64], torch.device("cpu"), checkpoints, Tracker(None),
+        stage.train(config, model, histories[:64], targets[:64], torch.device("cpu"), saved, Tracker(None),
                     progress=False)
 
     train("bf16")

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from e4srec import contracts as c
+from e4srec import sasrec as sasrec_model
 from e4srec.errors import E4SRecError
 from e4srec.sasrec import SASRec, SASRecConfig
 from e4srec.stages import pretrain_sasrec as stage
@@ -89,22 +90,22 @@ def test_bce_negatives_are_never_items_of_the_users_sequence(prepared: Path) -> 
 
 def test_stage_artifacts_and_reload(prepared: Path, sasrec_dir: Path) -> None:
     data = c.load_sequence_data(prepared)
-    meta = c.read_json(sasrec_dir / stage.CONFIG)
+    meta = c.read_json(sasrec_dir / sasrec_model.CONFIG)
     assert meta["item_map_sha256"] == data.item_map_sha256
-    with safe_open(str(sasrec_dir / stage.EMBEDDINGS), "pt") as f:
+    with safe_open(str(sasrec_dir / sasrec_model.EMBEDDINGS), "pt") as f:
         assert f.metadata()["item_map_sha256"] == data.item_map_sha256
-    emb = stage.load_item_embeddings(sasrec_dir, data.item_map_sha256)
+    emb = sasrec_model.load_item_embeddings(sasrec_dir, data.item_map_sha256)
     assert emb.shape == (data.n_items + 1, 64)
     assert torch.count_nonzero(emb[0]) == 0  # row 0 is padding
     assert (sasrec_dir / c.ITEM_MAP).read_bytes() == (prepared / c.ITEM_MAP).read_bytes()
-    m = stage.load_model(sasrec_dir, data)
+    m = sasrec_model.load_model(sasrec_dir, data)
     torch.testing.assert_close(m.item_embeddings(), emb)
     metrics = c.read_json(sasrec_dir / c.METRICS)
     assert {"test/full/HR@10", "valid/sampled/NDCG@10", "train/best_epoch"} <= set(metrics)
     for png in ("training_curves.png", "metrics_by_length.png"):
         assert (sasrec_dir / png).stat().st_size > 1000
     with pytest.raises(E4SRecError, match="item-map hash"):
-        stage.load_item_embeddings(sasrec_dir, "0" * 64)
+        sasrec_model.load_item_embeddings(sasrec_dir, "0" * 64)
 
 
 def test_training_is_seeded(prepared: Path) -> None:
@@ -130,7 +131,7 @@ def test_s3rec_arch_saves_and_reloads_and_old_configs_read_as_kang(prepared: Pat
     data = c.load_sequence_data(prepared)
     out = tmp_path / "s3rec"
     stage.run(stage.PretrainSasrecConfig(arch="s3rec", epochs=1, device="cpu"), prepared, out, progress=False)
-    m = stage.load_model(out, data)
+    m = sasrec_model.load_model(out, data)
     assert m.config.arch == "s3rec" and isinstance(m.emb_norm, torch.nn.LayerNorm)
     history = torch.as_tensor(data.train_matrix()[:4, -data.max_len:])
     metrics = c.read_json(out / c.METRICS)
@@ -139,11 +140,11 @@ def test_s3rec_arch_saves_and_reloads_and_old_configs_read_as_kang(prepared: Pat
     # A model saved before `arch` existed has no such key: it loads as the kang model it was.
     legacy_dir = tmp_path / "legacy"
     shutil.copytree(sasrec_dir, legacy_dir)
-    legacy = c.read_json(legacy_dir / stage.CONFIG)
+    legacy = c.read_json(legacy_dir / sasrec_model.CONFIG)
     legacy["model"].pop("arch")
-    c.write_json(legacy_dir / stage.CONFIG, legacy)
-    old = stage.load_model(legacy_dir, data)
+    c.write_json(legacy_dir / sasrec_model.CONFIG, legacy)
+    old = sasrec_model.load_model(legacy_dir, data)
     assert old.config.arch == "kang"
-    torch.testing.assert_close(old.score_all_items(history), stage.load_model(sasrec_dir, data).score_all_items(history))
+    torch.testing.assert_close(old.score_all_items(history), sasrec_model.load_model(sasrec_dir, data).score_all_items(history))
     with pytest.raises(E4SRecError, match="arch='bert'"):
         SASRecConfig(n_items=5, arch="bert")

@@ -37,8 +37,9 @@ def champion(prepared: Path, sasrec_dir: Path, tmp_path_factory: pytest.TempPath
         stage.run(stage.TrainE4SRecConfig(device="cpu", dtype="bf16", max_examples=200, eval_users=50), prepared, sasrec_dir,
                   "tiny", root / "model", progress=False)
         # forced: a 200-example E4SRec need not beat its SASRec, and this test serves an E4SRec
-        _, verdict = deploy.run_tracked(deploy.DeployConfig(device="cpu", eval_users=50, force_promote=True),
-                                        root / "model", sasrec_dir, prepared, root / "deploy", experiment="serving")
+        deploy.run_tracked(deploy.DeployConfig(device="cpu", eval_users=50, force_promote=True),
+                           root / "model", sasrec_dir, prepared, root / "deploy", experiment="serving")
+        verdict = deploy.read_verdict(root / "deploy")
         yield root, uri, verdict["registered_model"]
 
 
@@ -151,9 +152,8 @@ def test_the_champion_serves_from_a_fresh_environment(prepared: Path, sasrec_dir
     os.environ["MLFLOW_TRACKING_URI"] = uri  # the autouse fixture's monkeypatch undoes it
     stage.run(stage.TrainE4SRecConfig(device="cpu", max_examples=64, eval_users=20), prepared, sasrec_dir,
               "smollm2-135m", tmp_path / "model", progress=False)
-    _, verdict = deploy.run_tracked(deploy.DeployConfig(device="cpu", eval_users=20, force_promote=True,
-                                                        registered_model="portable"),
-                                    tmp_path / "model", sasrec_dir, prepared, tmp_path / "deploy", experiment="serving")
+    deploy.run_tracked(deploy.DeployConfig(device="cpu", eval_users=20, force_promote=True, registered_model="portable"),
+                       tmp_path / "model", sasrec_dir, prepared, tmp_path / "deploy", experiment="serving")
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri="models:/portable@champion"))
     requirements = (local / "requirements.txt").read_text().split()
     assert not [r for r in requirements if "+" in r or r.startswith("e4srec")], requirements  # all on the public index

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from e4srec import contracts as c
+from e4srec import llm
 from e4srec.backbones import BackboneOptions, load_backbone
 from e4srec.errors import E4SRecError
 from e4srec.stages import instruction_tune as stage
@@ -47,12 +48,12 @@ def test_one_tuning_step_and_a_foreign_adapter(smollm2, tmp_path: Path) -> None:
                                          max_new_tokens=8, device="cpu")
     metrics = stage.run(config, DATA / "instructions.json", tmp_path / "smol", progress=False)
     assert metrics["instruct/steps"] == 2 and metrics["instruct/heldout_loss_before"] < 5  # an instruct model
-    tuned, _ = stage.load_tuned_backbone(tmp_path / "smol")
+    tuned, _ = llm.load_tuned_backbone(tmp_path / "smol")
     assert tuned.spec == "smollm2-135m"
     assert c.read_json(tmp_path / "smol" / "adapter" / "e4srec_base.json")["backbone"] == "smollm2-135m"
 
     tiny = stage.InstructionTuneConfig(backbone="tiny", max_examples=2, holdout=2, batch_size=2, generations=0)
     stage.run(tiny, DATA / "instructions.json", tmp_path / "tiny", progress=False)
     with pytest.raises(E4SRecError, match="adapter was trained on backbone 'tiny'"):
-        stage.apply_adapter(smollm2, tmp_path / "tiny" / "adapter")
+        llm.apply_adapter(smollm2, tmp_path / "tiny" / "adapter")
     assert torch.isfinite(tuned.model(input_ids=torch.tensor([[1, 2, 3]])).logits).all()

@@ -18,7 +18,7 @@ def kfp_api():  # noqa: ANN201
 
 
 def test_submit_sends_the_compiled_pipeline_with_auth_and_arguments(kfp_api: str) -> None:
-    result = e4srec("submit", "--host", kfp_api, "--token", "tok-1", "--namespace", "team-a", "--experiment", "beauty",
+    result = e4srec("submit", "--host", kfp_api, "--token", "tok-1", "--namespace", "team-a", "--kfp-experiment", "beauty",
                     "--input", "s3://data/raw/Beauty.txt", "--sasrec-epochs", "3", "--sasrec-loss", "ce")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "submitted run run-456" in result.stdout

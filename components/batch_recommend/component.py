@@ -19,14 +19,15 @@ def batch_recommend(
     experiment: str = "e4srec",
 ):
     """Top-k original item ids for every user of the dataset, as recommendations.parquet."""
-    from e4srec.kfp_artifacts import publish_metrics
+    from e4srec.kfp_artifacts import write_metrics
+    from e4srec.settings import from_component
     from e4srec.stages import batch_recommend as stage
 
-    config = stage.BatchRecommendConfig(k=k, batch_size=batch_size, max_users=max_users, device=device)
+    config = from_component(stage.BatchRecommendConfig, locals())
     values = stage.run_tracked(config, model.path, data.path, recommendations.path, tracking=tracking,
                                experiment=experiment)
     recommendations.metadata.update({"k": k, "users": int(values["batch/users"])})
-    publish_metrics(metrics, values)
+    write_metrics(metrics, values)
 
 
 def build(image: str = CPU_IMAGE) -> dsl.python_component.PythonComponent:

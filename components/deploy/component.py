@@ -31,40 +31,25 @@ def deploy(
     unnamed output: kfp.local resolves conditions on `Output` but not on named outputs). With tracking
     off there is no registry: nothing is registered and the verdict is "hold".
     """
-    from e4srec import contracts
-    from e4srec.kfp_artifacts import publish_metrics
+    from e4srec.kfp_artifacts import write_metrics
+    from e4srec.settings import from_component
     from e4srec.stages import deploy as stage
 
-    if not tracking:
-        import os
-
-        os.makedirs(verdict.path, exist_ok=True)
-        contracts.write_json(f"{verdict.path}/{stage.VERDICT}", {"promote": False, "reason": "tracking is off"})
-        publish_metrics(metrics, {"deploy/promote": 0.0})
-        return False
-
-    config = stage.DeployConfig(registered_model=registered_model, metric=metric, min_margin=min_margin,
-                                when_no_champion=when_no_champion, force_promote=force_promote,
-                                eval_users=eval_users, eval_batch_size=eval_batch_size, seed=seed, device=device)
-    values, result = stage.run_tracked(config, model.path, sasrec.path, data.path, verdict.path, apply=False,
-                                       experiment=experiment, pipeline_run_name=pipeline_run_name)
+    config = from_component(stage.DeployConfig, locals())
+    values = stage.run_tracked(config, model.path, sasrec.path, data.path, verdict.path, apply=False,
+                               tracking=tracking, experiment=experiment, pipeline_run_name=pipeline_run_name)
+    result = stage.read_verdict(verdict.path)
     verdict.metadata.update({k: v for k, v in result.items() if v is not None})
-    publish_metrics(metrics, values)
+    write_metrics(metrics, values)
     return bool(result["promote"])
 
 
 def promote_champion(verdict: Input[Artifact], pipeline_run_name: str = "") -> str:
     """Point `champion` at the version the gate approved (read from its verdict), recording the move."""
-    import os
-
-    from e4srec import contracts, registry
+    from e4srec import registry
     from e4srec.stages import deploy as stage
 
-    decision = contracts.read_json(f"{verdict.path}/{stage.VERDICT}")
-    os.environ.setdefault("E4SREC_ACTOR", f"kfp:{pipeline_run_name}" if pipeline_run_name else "kfp")
-    move = registry.move_alias(decision["registered_model"], registry.CHAMPION, decision["challenger_version"],
-                               decision["reason"], {decision["metric"]: decision["challenger_value"]},
-                               forced=bool(decision.get("forced")))
+    move = stage.promote_champion(verdict.path, f"kfp:{pipeline_run_name}" if pipeline_run_name else "kfp")
     print(registry.describe(move))
     return move["to"]
 

@@ -24,6 +24,7 @@ def instruction_tune(
     lr: float = 2e-4,
     warmup_ratio: float = 0.1,
     weight_decay: float = 0.0,
+    max_grad_norm: float = 1.0,
     max_length: int = 256,
     lora_r: int = 16,
     lora_alpha: int = 32,
@@ -40,20 +41,15 @@ def instruction_tune(
 ):
     """LoRA SFT of the backbone on Alpaca data, or (skip, or not tune) the base passed through, as the
     `backbone` artifact. `tune` is the pipeline parameter's sense of the same switch."""
-    from e4srec.kfp_artifacts import publish_metrics
+    from e4srec.kfp_artifacts import write_metrics
+    from e4srec.settings import from_component
     from e4srec.stages import instruction_tune as stage
 
-    config = stage.InstructionTuneConfig(
-        backbone=backbone_spec, dtype=dtype, quantization=quantization, local_files_only=local_files_only,
-        skip=skip or not tune, holdout=holdout, max_examples=max_examples, epochs=epochs, batch_size=batch_size,
-        grad_accum=grad_accum, lr=lr, warmup_ratio=warmup_ratio, weight_decay=weight_decay, max_length=max_length,
-        lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=target_modules, merge=merge,
-        generations=generations, max_new_tokens=max_new_tokens, seed=seed, device=device, threads=threads,
-    )
+    config = from_component(stage.InstructionTuneConfig, locals(), backbone=backbone_spec, skip=skip or not tune)
     values = stage.run_tracked(config, instructions_uri or None, backbone.path, tracking=tracking,
                                experiment=experiment)
     backbone.metadata.update({"backbone": backbone_spec, "skipped": skip or not tune, "quantization": quantization})
-    publish_metrics(metrics, values)
+    write_metrics(metrics, values)
 
 
 def build(image: str = CPU_IMAGE, name: str = "") -> dsl.python_component.PythonComponent:

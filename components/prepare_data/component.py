@@ -24,15 +24,15 @@ def prepare_data(
 ):
     """Ingest and validate raw interactions, split leave-one-out, sample 99 negatives per user."""
     from e4srec import contracts
-    from e4srec.kfp_artifacts import publish_metrics
+    from e4srec.kfp_artifacts import write_metrics
+    from e4srec.settings import from_component
     from e4srec.stages import prepare_data as stage
 
-    config = stage.PrepareDataConfig(format=format, user_col=user_col, item_col=item_col, time_col=time_col,
-                                     k_core=k_core, max_len=max_len, n_negatives=n_negatives, seed=seed)
+    config = from_component(stage.PrepareDataConfig, locals())
     values = stage.run_tracked(config, input_uri, data.path, tracking=tracking, experiment=experiment)
     manifest = contracts.read_json(f"{data.path}/{contracts.MANIFEST}")
     data.metadata.update({k: manifest[k] for k in ("n_users", "n_items", "n_interactions", "item_map_sha256")})
-    publish_metrics(metrics, values)
+    write_metrics(metrics, values)
 
 
 def build(image: str = CPU_IMAGE) -> dsl.python_component.PythonComponent:

@@ -32,22 +32,18 @@ def pretrain_sasrec(
     experiment: str = "e4srec",
 ):
     """Train SASRec with early stopping; export weights, 64-d item embeddings and the item map."""
-    from e4srec import contracts
-    from e4srec.kfp_artifacts import publish_metrics
+    from e4srec import contracts, sasrec
+    from e4srec.kfp_artifacts import write_metrics
+    from e4srec.settings import from_component
     from e4srec.stages import pretrain_sasrec as stage
 
-    config = stage.PretrainSasrecConfig(
-        loss=loss, arch=arch, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, dim=dim,
-        n_blocks=n_blocks, n_heads=n_heads, dropout=dropout, eval_every=eval_every, patience=patience,
-        eval_batch_size=eval_batch_size, bucket_by_length=bucket_by_length, seed=seed, device=device,
-        threads=threads,
-    )
+    config = from_component(stage.PretrainSasrecConfig, locals())
     values = stage.run_tracked(config, data.path, model.path, tracking=tracking, experiment=experiment,
                                progress=True)
-    saved = contracts.read_json(f"{model.path}/{stage.CONFIG}")
+    saved = contracts.read_json(f"{model.path}/{sasrec.CONFIG}")
     model.metadata.update({"item_map_sha256": saved["item_map_sha256"], "best_epoch": saved["best_epoch"],
                            "framework": "pytorch", "kind": "sasrec", "loss": loss})
-    publish_metrics(metrics, values)
+    write_metrics(metrics, values)
 
 
 def build(image: str = CPU_IMAGE) -> dsl.python_component.PythonComponent:

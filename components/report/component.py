@@ -23,7 +23,8 @@ def report(
     from e4srec.stages import report as stage
 
     stage.run_tracked(data.path, sasrec.path, e4srec.path, report.path, verdict_dir=verdict.path, tracking=tracking,
-                      experiment=experiment, pipeline_run_name=pipeline_run_name)
+                      experiment=experiment, pipeline_run_name=pipeline_run_name,
+                      title=f"E4SRec run report: {pipeline_run_name}" if pipeline_run_name else "")
     shutil.copyfile(f"{report.path}/{stage.PAGE}", page.path)
 
 

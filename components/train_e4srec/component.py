@@ -50,25 +50,19 @@ def train_e4srec(
     `nproc_per_node` > 1 trains data-parallel over that many processes in the pod (one per GPU) with torchrun.
     """
     from e4srec import contracts
-    from e4srec.kfp_artifacts import publish_metrics
+    from e4srec.e4srec import CONFIG
+    from e4srec.kfp_artifacts import write_metrics
+    from e4srec.settings import from_component
     from e4srec.stages import train_e4srec as stage
 
-    config = stage.TrainE4SRecConfig(
-        instruction=instruction, response_prefix=response_prefix, epochs=epochs, batch_size=batch_size,
-        grad_accum=grad_accum, lr=lr, warmup_ratio=warmup_ratio, weight_decay=weight_decay,
-        max_grad_norm=max_grad_norm, item_dim=item_dim, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-        target_modules=target_modules, head_init=head_init, dtype=dtype, max_targets_per_user=max_targets_per_user,
-        max_examples=max_examples, eval_users=eval_users, eval_batch_size=eval_batch_size, prefix_cache=prefix_cache, shared_prefix=shared_prefix,
-        bucket_by_length=bucket_by_length, checkpoint_every=checkpoint_every, checkpoint_dir=checkpoint_dir,
-        resume=resume, seed=seed, device=device, threads=threads,
-    )
+    config = from_component(stage.TrainE4SRecConfig, locals())
     run = stage.run_tracked if nproc_per_node <= 1 else stage.run_distributed
     extra = {} if nproc_per_node <= 1 else {"nproc": nproc_per_node}
     values = run(config, data.path, sasrec.path, llm.path, model.path, tracking=tracking, experiment=experiment, **extra)
-    saved = contracts.read_json(f"{model.path}/{stage.CONFIG}")
+    saved = contracts.read_json(f"{model.path}/{CONFIG}")
     model.metadata.update({"item_map_sha256": saved["item_map_sha256"], "backbone": saved["llm"]["backbone"],
                            "kind": "e4srec", "framework": "pytorch+peft"})
-    publish_metrics(metrics, values)
+    write_metrics(metrics, values)
 
 
 def build(image: str = CPU_IMAGE) -> dsl.python_component.PythonComponent:

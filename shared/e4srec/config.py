@@ -1,4 +1,4 @@
-"""Typed stage configs: one dataclass per stage feeds the CLI, the KFP component and the saved JSON."""
+"""Typed settings: dataclass fields with help and choices, their checks, and their CLI flags (e4srec.settings has the stages')."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def option(default: Any, help: str, *, choices: tuple[Any, ...] | None = None) -
     return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
 
 
-def _field_type(cls: type, f: dataclasses.Field) -> type:
+def field_type(cls: type, f: dataclasses.Field) -> type:
     hints = typing.get_type_hints(cls)
     tp = hints[f.name]
     if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
@@ -38,7 +38,7 @@ def check_fields(obj: Any) -> None:
         choices = f.metadata.get("choices")
         value = getattr(obj, f.name)
         name = f"{type(obj).__name__}.{f.name}"
-        tp = _field_type(type(obj), f)
+        tp = field_type(type(obj), f)
         if tp is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if tp in (int, float, str, bool) and value is not None and type(value) is not tp:
@@ -61,7 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     """Add one `--kebab-name` option per dataclass field, with its default and help text."""
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
-        tp = _field_type(cls, f)
+        tp = field_type(cls, f)
         help_text = f"{f.metadata.get('help', '')} (default: {f.default})"
         if tp is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
@@ -77,7 +77,7 @@ def from_namespace(cls: type[T], ns: argparse.Namespace) -> T:
     """Build the config from parsed arguments (the namespace never travels further than this)."""
     kwargs = {f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)}
     for f in dataclasses.fields(cls):
-        if _field_type(cls, f) is tuple and kwargs[f.name] is not None:
+        if field_type(cls, f) is tuple and kwargs[f.name] is not None:
             kwargs[f.name] = tuple(kwargs[f.name])
     return cls(**kwargs)
 

@@ -38,6 +38,11 @@ NEGATIVES = "negatives.parquet"
 MANIFEST = "manifest.json"
 METRICS = "metrics.json"
 SPLITS = ("valid", "test")
+# metrics.json keys: <split>/<protocol>/<metric>, e.g. test/full/NDCG@10
+KS_HR = (1, 5, 10, 20)
+KS_NDCG = (5, 10, 20)
+METRIC_NAMES = tuple(f"HR@{k}" for k in KS_HR) + tuple(f"NDCG@{k}" for k in KS_NDCG) + ("MRR",)
+PROTOCOLS = ("full", "sampled")
 
 
 def item_map_hash(item_ids: Sequence[str]) -> str:
@@ -75,7 +80,7 @@ MANIFEST_FIELDS = {"format_version": int, "n_users": int, "n_items": int, "max_l
 # config.json of a model folder, by the stage that wrote it (pretrain-sasrec, train-e4srec).
 MODEL_CONFIG_FIELDS: dict[str, dict[str, type | tuple[type, ...]]] = {
     "pretrain-sasrec": {"stage": str, "model": dict, "train": dict, "item_map_sha256": str},
-    "train-e4srec": {"stage": str, "model": dict, "train": dict, "llm": dict, "item_map_sha256": str,
+    "train-e4srec": {"stage": str, "model": dict, "train": dict, "llm": dict, "prompt": dict, "item_map_sha256": str,
                      "instruct_adapter": (str, type(None))},
 }
 RUN_RECORD_FIELDS = {"run_id": str, "parameters": dict}  # pipeline_run.json, beside a local run's outputs
@@ -205,6 +210,25 @@ class SequenceData:
         wide, as SASRec trains.
         """
         return self._left_padded(end_offset=-2, width=self.max_len + 1)
+
+    def prefix_examples(self, max_targets: int) -> tuple[np.ndarray, np.ndarray]:
+        """(histories (E, max_len) left-padded, targets (E,)): every prefix of items[:-2] and its next item,
+        the last `max_targets` targets of each user (E4SRec's training data, as the paper's code builds it)."""
+        L = self.max_len
+        starts = self.offsets[:-1]
+        n_train = self.lengths - 2  # items[:-2]
+        first = np.maximum(1, n_train - max_targets)  # first target position per user (>= 1: a history)
+        counts = np.maximum(n_train - first, 0)
+        user = np.repeat(np.arange(self.n_users), counts)
+        k = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts) + first[user]  # target pos
+        target_abs = starts[user] + k
+        lengths = np.minimum(k, L)
+        cols = np.arange(L)[None, :]
+        keep = cols >= L - lengths[:, None]  # (E, L): the right-aligned part holds the history
+        src = target_abs[:, None] - L + cols  # item index of each column
+        histories = np.zeros((len(k), L), dtype=np.int64)
+        histories[keep] = self.values[src[keep]]
+        return histories, self.values[target_abs]
 
     def split(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         """(histories (U, max_len) left-padded with 0, targets (U,)) for `valid` or `test`."""

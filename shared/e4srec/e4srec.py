@@ -20,19 +20,36 @@ per step (`shared_prefix=True`): LoRA changes the prefix's keys and values, so t
 once per batch, with gradients, instead of once per row. The prefix is most of a Beauty prompt (54 of
 about 70 tokens), so this is most of the work saved; the only difference is that LoRA dropout on the
 instruction tokens is drawn once per batch rather than once per row.
+
+Files (a train-e4srec output folder), written by `save_model` and read by `load_model` at the end:
+  adapter/                     PEFT adapter of the decoder (PeftModel.from_pretrained(decoder, "adapter"))
+  head_proj.safetensors        input projection (64 -> hidden) and item head (hidden -> N+1)
+  item_embeddings.safetensors  the frozen SASRec table (copied, so the model is self-contained)
+  item_map.parquet             original item ids of rows 1..N
+  instruct_adapter/            the instruction adapter the backbone carried, when there was one
+  config.json                  architecture, backbone fields, prompt, item-map hash, training settings
+No backbone weights: config.json names the backbone, and its fingerprint must match on loading.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
+import shutil
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from torch import nn
 
+from e4srec import contracts as c
+from e4srec.backbones import BackboneOptions, fingerprint, load_backbone
 from e4srec.errors import E4SRecError
+from e4srec.llm import LLM_FIELDS, apply_adapter
+from e4srec.sasrec import EMBEDDINGS, load_item_embeddings, save_item_embeddings
 
 
 def left_pad_layout(mask: torch.Tensor) -> torch.Tensor:
@@ -117,6 +134,7 @@ class E4SRec(nn.Module):
         # No bias: a bias would be a per-item popularity score the backbone need not learn to express.
         self.head = nn.Linear(config.hidden_size, config.n_items + 1, bias=False)
         ids = lambda text: torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+        self.prompt = {"prefix": prefix_text, "response_prefix": response_prefix}
         self.register_buffer("prefix_ids", ids(prefix_text), persistent=False)  # (P,)
         self.register_buffer("suffix_ids", ids(response_prefix), persistent=False)  # (S,)
         params = inspect.signature(decoder.forward).parameters
@@ -263,3 +281,89 @@ class E4SRec(nn.Module):
         if cache is None:
             return self.logits(histories)
         return self._item_logits(self._last_hidden_after_prefix(histories, cache))
+
+
+# Files ---------------------------------------------------------------------------------------------
+
+WRITER = "train-e4srec"  # the stage that writes these folders (config.json "stage")
+ADAPTER = "adapter"
+HEAD = "head_proj.safetensors"
+CONFIG = "config.json"
+INSTRUCT_ADAPTER = "instruct_adapter"
+DTYPE_NAMES = {"torch.float32": "fp32", "torch.bfloat16": "bf16", "torch.float16": "fp16"}
+
+
+def backbone_dtype(model: E4SRec) -> torch.dtype:
+    """The precision the backbone computes in (its input embeddings': quantized layers compute in it too)."""
+    return model.llm.get_input_embeddings().weight.dtype
+
+
+def save_model(out: Path, model: E4SRec, llm: dict[str, Any], item_map: Path, item_map_sha256: str,
+               record: dict[str, Any], instruct_adapter: Path | None = None) -> None:
+    """Write the self-contained model folder: trained weights, item table and map, and config.json.
+
+    `llm`: the backbone's fields (LLM_FIELDS); `record`: what else config.json keeps (training settings).
+    """
+    model.llm.save_pretrained(str(out / ADAPTER))
+    save_file({"proj.weight": model.proj.weight.detach().float().cpu().contiguous(),
+               "proj.bias": model.proj.bias.detach().float().cpu().contiguous(),
+               "head.weight": model.head.weight.detach().float().cpu().contiguous()}, str(out / HEAD))
+    save_item_embeddings(out / EMBEDDINGS, model.item_emb.weight, item_map_sha256, "sasrec")
+    shutil.copyfile(item_map, out / c.ITEM_MAP)
+    if instruct_adapter is not None:
+        shutil.copytree(instruct_adapter, out / INSTRUCT_ADAPTER)
+    recorded = {k: llm[k] for k in LLM_FIELDS} | {"fingerprint": fingerprint(model.llm.get_base_model().config)}
+    c.write_json(out / CONFIG, {
+        "stage": WRITER, "model": model.config.to_dict(), "llm": recorded, "prompt": model.prompt,
+        "instruct_adapter": INSTRUCT_ADAPTER if instruct_adapter is not None else None,
+        "item_map_sha256": item_map_sha256, **record,
+        "trained_dtype": DTYPE_NAMES[str(backbone_dtype(model))],  # what `auto` meant on the training machine
+    })
+
+
+def load_model(model_dir: Path | str, device: torch.device | str = "cpu", dtype: str | None = None,
+               backbone: str | None = None, meta: dict[str, Any] | None = None) -> E4SRec:
+    """Rebuild a trained E4SRec from its folder: backbone by spec, then the saved trainable weights.
+
+    `dtype` replaces the recorded backbone precision (e.g. fp32 on a CPU without bf16 units); the
+    trained weights are fp32 whatever the precision they were trained in. `backbone` replaces the
+    recorded spec with another source of the same weights (a registered model's logged copy); its
+    architecture must match the recorded fingerprint. `meta`: the folder's config.json when the
+    caller has read it already.
+    """
+    from e4srec.storage import fetch
+
+    model_dir = Path(fetch(model_dir))
+    try:
+        return _load_model(model_dir, torch.device(device), dtype, backbone, meta)
+    except (KeyError, TypeError, RuntimeError) as e:
+        raise E4SRecError(f"{model_dir}: not a train-e4srec model folder that this version reads ({type(e).__name__}: "
+                          f"{' '.join(str(e).split())[:160]}); re-run train-e4srec or point at its output") from None
+
+
+def _load_model(model_dir: Path, device: torch.device, dtype: str | None, backbone: str | None,
+                meta: dict[str, Any] | None) -> E4SRec:
+    from peft import set_peft_model_state_dict
+
+    meta = meta or c.read_model_config(model_dir / CONFIG, WRITER)
+    options = {k: meta["llm"][k] for k in LLM_FIELDS}
+    overrides = ({"dtype": dtype} if dtype else {}) | ({"backbone": backbone} if backbone else {})
+    loaded = load_backbone(BackboneOptions(**(options | overrides)), device)
+    if backbone:  # another copy of the recorded backbone: it must be the same architecture, and keeps its name
+        recorded = meta["llm"].get("fingerprint")
+        if recorded and loaded.fingerprint != recorded:
+            raise E4SRecError(f"{model_dir / CONFIG}: backbone {backbone} has architecture {loaded.fingerprint}, "
+                              f"the model was trained on {recorded}; serve it with the backbone it was trained on")
+        loaded = dataclasses.replace(loaded, spec=options["backbone"])
+    if meta.get("instruct_adapter"):
+        loaded = apply_adapter(loaded, model_dir / meta["instruct_adapter"], merge=meta["llm"]["quantization"] == "none")
+    table = load_item_embeddings(model_dir, meta["item_map_sha256"])
+    model = E4SRec(E4SRecConfig(**meta["model"]), loaded.model.get_decoder(), loaded.tokenizer, table,
+                   meta["prompt"]["prefix"], meta["prompt"]["response_prefix"])
+    set_peft_model_state_dict(model.llm, c.read_safetensors(model_dir / ADAPTER / "adapter_model.safetensors"))
+    head = c.read_safetensors(model_dir / HEAD)
+    with torch.no_grad():
+        model.proj.weight.copy_(head["proj.weight"])
+        model.proj.bias.copy_(head["proj.bias"])
+        model.head.weight.copy_(head["head.weight"])
+    return model.to(device).eval()

@@ -7,8 +7,8 @@ class E4SRecError(Exception):
     """A user-facing error.
 
     The message is one line that says what is wrong, where (file, line, column or field) and how to
-    fix it. The CLI prints it without a traceback and exits non-zero; stages raise it before any
-    output is published, so a failed stage leaves no partial artifact behind.
+    fix it. The CLI prints it without a traceback and exits non-zero; stages raise it before their
+    output folder is put in place, so a failed stage leaves no partial artifact behind.
     """
 
     def __init__(self, message: str) -> None:

@@ -14,13 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from e4srec.contracts import SequenceData
+from e4srec.contracts import KS_HR, KS_NDCG, METRIC_NAMES, PROTOCOLS, SequenceData
 from e4srec.progress import progress as bar
 
-KS_HR = (1, 5, 10, 20)
-KS_NDCG = (5, 10, 20)
-METRICS = tuple(f"HR@{k}" for k in KS_HR) + tuple(f"NDCG@{k}" for k in KS_NDCG) + ("MRR",)
-PROTOCOLS = ("full", "sampled")
 # History-length groups as in the E4SRec paper's Fig. 4: edges are group starts.
 DEFAULT_LENGTH_EDGES = (1, 5, 10, 20, 50)
 
@@ -31,12 +27,12 @@ def metrics_from_ranks(ranks: np.ndarray) -> dict[str, float]:
     """HR@k, NDCG@k and MRR from 0-based target ranks (one target per user, so IDCG = 1)."""
     ranks = np.asarray(ranks, dtype=np.float64)
     if ranks.size == 0:
-        return {m: float("nan") for m in METRICS}
+        return {m: float("nan") for m in METRIC_NAMES}
     out = {f"HR@{k}": float(np.mean(ranks < k)) for k in KS_HR}
     gain = 1.0 / np.log2(ranks + 2.0)
     out.update({f"NDCG@{k}": float(np.mean(np.where(ranks < k, gain, 0.0))) for k in KS_NDCG})
     out["MRR"] = float(np.mean(1.0 / (ranks + 1.0)))
-    return {m: out[m] for m in METRICS}
+    return {m: out[m] for m in METRIC_NAMES}
 
 
 def rank_last_if_not_finite(scores: torch.Tensor, floor: float = float("-inf")) -> torch.Tensor:
@@ -155,12 +151,12 @@ def evaluate(
 
 def format_table(models: dict[str, dict[str, float]], splits: Sequence[str] = ("valid", "test")) -> str:
     """Plain-text table: one row per (model, split, protocol), one column per metric."""
-    header = f"{'model':<14}{'split':<7}{'protocol':<9}" + "".join(f"{m:>9}" for m in METRICS)
+    header = f"{'model':<14}{'split':<7}{'protocol':<9}" + "".join(f"{m:>9}" for m in METRIC_NAMES)
     lines = [header, "-" * len(header)]
     for name, metrics in models.items():
         for split in splits:
             for protocol in PROTOCOLS:
-                keys = [f"{split}/{protocol}/{m}" for m in METRICS]
+                keys = [f"{split}/{protocol}/{m}" for m in METRIC_NAMES]
                 if not all(k in metrics for k in keys):
                     continue
                 lines.append(f"{name:<14}{split:<7}{protocol:<9}" + "".join(f"{metrics[k]:>9.4f}" for k in keys))

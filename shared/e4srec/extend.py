@@ -25,10 +25,10 @@ import torch
 from safetensors.torch import save_file
 
 from e4srec import contracts as c
+from e4srec.e4srec import CONFIG, HEAD
 from e4srec.errors import E4SRecError
 from e4srec.outputs import staged_output
-from e4srec.stages import pretrain_sasrec
-from e4srec.stages import train_e4srec as stage
+from e4srec.sasrec import EMBEDDINGS, load_item_embeddings, save_item_embeddings
 from e4srec.trained import read_config
 
 
@@ -84,25 +84,24 @@ def extend_items(model_dir: Path | str, new_items: Path | str, output: Path | st
     if kind != "e4srec":
         raise E4SRecError(f"{model_dir}: a SASRec model; extend-items adds items to a train-e4srec output (a "
                           f"SASRec learns its items from its data: re-run pretrain-sasrec)")
-    table = pretrain_sasrec.load_item_embeddings(model_dir, meta["item_map_sha256"])  # (N+1, d)
+    table = load_item_embeddings(model_dir, meta["item_map_sha256"])  # (N+1, d)
     old_ids = pq.read_table(model_dir / c.ITEM_MAP).column("item_id").to_pylist()
     ids, vectors = read_new_items(new_items, table.shape[1], set(old_ids))
-    head = c.read_safetensors(model_dir / stage.HEAD)
+    head = c.read_safetensors(model_dir / HEAD)
     new_head = fit_head_rows(table[1:], head["head.weight"][1:], vectors)
     all_ids = old_ids + ids
     new_hash = c.item_map_hash(all_ids)
     with staged_output(output, overwrite) as out:
         for entry in model_dir.iterdir():  # the LLM side (adapters) is copied byte for byte
-            if entry.name not in (stage.HEAD, stage.CONFIG, c.ITEM_MAP, pretrain_sasrec.EMBEDDINGS, c.METRICS):
+            if entry.name not in (HEAD, CONFIG, c.ITEM_MAP, EMBEDDINGS, c.METRICS):
                 (shutil.copytree if entry.is_dir() else shutil.copyfile)(entry, out / entry.name)
-        save_file({**head, "head.weight": torch.cat([head["head.weight"], new_head]).contiguous()}, str(out / stage.HEAD))
-        pretrain_sasrec.save_item_embeddings(out / pretrain_sasrec.EMBEDDINGS, torch.cat([table, vectors]), new_hash,
-                                             "sasrec+extend-items")
+        save_file({**head, "head.weight": torch.cat([head["head.weight"], new_head]).contiguous()}, str(out / HEAD))
+        save_item_embeddings(out / EMBEDDINGS, torch.cat([table, vectors]), new_hash, "sasrec+extend-items")
         pq.write_table(pa.table({"item": pa.array(np.arange(1, len(all_ids) + 1), pa.int32()),
                                  "item_id": pa.array(all_ids, pa.string())}), out / c.ITEM_MAP)
         meta["model"]["n_items"] = len(all_ids)
         meta["extended_from"] = {"item_map_sha256": meta["item_map_sha256"], "n_items": len(old_ids),
                                  "added": len(ids), "head_rows": "ridge regression from SASRec embeddings"}
         meta["item_map_sha256"] = new_hash
-        c.write_json(out / stage.CONFIG, meta)
+        c.write_json(out / CONFIG, meta)
     return {"items_before": len(old_ids), "items_added": len(ids), "item_map_sha256": new_hash}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -104,14 +105,15 @@ def encode(examples: list[Example], tokenizer: Any, max_length: int) -> Encoded:
     return Encoded(ids, labels, truncated, dropped)
 
 
-def collate(ids: list[list[int]], labels: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a batch: (B, T) input_ids, attention_mask and labels (IGNORE on padding)."""
-    width = max(len(x) for x in ids)
-    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
-    label_ids = torch.full((len(ids), width), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(ids), width), dtype=torch.long)
-    for i, (x, y) in enumerate(zip(ids, labels)):
-        input_ids[i, : len(x)] = torch.tensor(x)
-        label_ids[i, : len(y)] = torch.tensor(y)
-        mask[i, : len(x)] = 1
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": label_ids}
+def batches(encoded: Encoded, tokenizer: Any, order: list[np.ndarray]) -> Iterator[dict[str, torch.Tensor]]:
+    """The examples of each index array in `order` as one right-padded batch (transformers'
+    DataCollatorForSeq2Seq): input_ids, attention_mask, and labels with IGNORE on the padding."""
+    from transformers import DataCollatorForSeq2Seq
+
+    side, tokenizer.padding_side = tokenizer.padding_side, "right"
+    try:
+        collate = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE, return_tensors="pt")
+        for rows in order:
+            yield collate([{"input_ids": encoded.input_ids[r], "labels": encoded.labels[r]} for r in rows])
+    finally:
+        tokenizer.padding_side = side

@@ -6,7 +6,7 @@ import json
 from typing import Any
 
 
-def publish_metrics(artifact: Any, values: dict[str, float]) -> None:
+def write_metrics(artifact: Any, values: dict[str, float]) -> None:
     """Log each value on a KFP `Output[Metrics]` and also write them to its file.
 
     KFP keeps logged metrics in the artifact's metadata only; without a file at `artifact.path` the

@@ -40,13 +40,13 @@ def run_local(input_path: Path | str, instructions: Path | str | None, pipeline_
     absolute here so that every task writes to the same file.
     """
     from e4srec_pipelines import create_pipeline
-    from e4srec_pipelines.pipeline import check_arguments
     from e4srec_pipelines.submit import RUN_RECORD
 
     from e4srec.evaluate import format_table
+    from e4srec.settings import check_pipeline_arguments
     from e4srec.storage import is_s3
 
-    check_arguments(params)  # every setting checked before anything runs or any folder is made
+    check_pipeline_arguments(params)  # every setting checked before anything runs or any folder is made
     if not is_s3(input_path):  # s3:// URIs go to the tasks as they are
         input_path = Path(input_path).resolve()
         if not input_path.is_file():

@@ -1,4 +1,4 @@
-"""Publishing a stage's output folder all at once, so a failed stage leaves nothing behind.
+"""Putting a stage's output folder in place all at once, so a failed stage leaves nothing behind.
 
 A stage never writes, moves or deletes a path it did not create: its output may not equal, hold or
 sit inside any of its inputs, a non-empty output is replaced only with `overwrite`, and the output's
@@ -90,7 +90,7 @@ def check_writable_place(path: Path, flag: str = "--output") -> None:
 
 
 def preflight(path: Path | str, overwrite: bool = False, inputs: Inputs | None = None) -> None:
-    """Fail before any work when the output could not be published: it overlaps an input, is a
+    """Fail before any work when the output could not be put in place: it overlaps an input, is a
     non-empty folder or prefix (without `overwrite`), cannot be created here, or is an S3 location
     that refuses the credentials or has no bucket."""
     from e4srec import storage
@@ -130,7 +130,7 @@ def staged_output(path: Path | str, overwrite: bool = False) -> Iterator[Path]:
     tmp = hidden_sibling(path, "partial")
     umask = os.umask(0)
     os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the published folder is an ordinary one
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the folder put in place is an ordinary one
     try:
         yield tmp
     except BaseException:

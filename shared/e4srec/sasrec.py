@@ -14,6 +14,11 @@ positions, causal attention over non-padding keys, shared item embeddings for in
 Two losses: `bce` (one sampled negative per position, the paper's) and `ce` (softmax over all items,
 which ranks far better on sparse data).
 
+Files (a pretrain-sasrec output folder): `model.safetensors` (weights), `config.json` (architecture,
+training settings, item-map hash) and `item_embeddings.safetensors`, the (N+1, dim) table E4SRec
+reads, with the item-map hash in its header; `save_model`/`load_model` and
+`save_item_embeddings`/`load_item_embeddings` at the end of this file write and read them.
+
 Sequences are left-padded with item 0, so the last column is always the most recent item. Batches
 may be trimmed to their longest sequence: positions count from the right end of the `max_len`
 window and padded keys are masked, so a trimmed batch gives exactly the outputs of a full-width one.
@@ -23,12 +28,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import safe_open, save_file
 from torch import nn
 
+from e4srec import contracts as c
 from e4srec.errors import E4SRecError
+from e4srec.settings import SASREC_ARCHITECTURES
 
 
 class CausalSelfAttention(nn.Module):
@@ -97,7 +107,7 @@ class PostNormBlock(nn.Module):
         return self.ffn_norm(x + self.ffn(x)) * keep  # padding positions stay zero
 
 
-ARCHITECTURES = ("kang", "s3rec")
+ARCHITECTURES = SASREC_ARCHITECTURES
 
 
 @dataclass
@@ -209,3 +219,82 @@ class SASRec(nn.Module):
     def item_embeddings(self) -> torch.Tensor:
         """The (N+1, d) item table, row 0 = padding (zeros): what E4SRec consumes."""
         return self.item_emb.weight.detach().clone()
+
+
+# Files ---------------------------------------------------------------------------------------------
+
+WRITER = "pretrain-sasrec"  # the stage that writes these folders (config.json "stage")
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+EMBEDDINGS = "item_embeddings.safetensors"
+EMBEDDINGS_KEY = "item_embeddings"
+
+
+def save_model(out: Path, model: SASRec, item_map_sha256: str, extra: dict[str, Any]) -> None:
+    """Write weights, config.json (architecture, item-map hash and `extra`) and the item-embedding table."""
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(out / WEIGHTS))
+    c.write_json(out / CONFIG, {"stage": WRITER, "model": model.config.to_dict(), **extra,
+                                "item_map_sha256": item_map_sha256})
+    save_item_embeddings(out / EMBEDDINGS, model.item_embeddings(), item_map_sha256, "sasrec")
+
+
+def load_model(model_dir: Path | str, data: c.SequenceData | None = None, meta: dict[str, Any] | None = None
+               ) -> SASRec:
+    """Rebuild a trained SASRec; with `data`, check it was trained on the same item map.
+
+    `meta`: the folder's config.json when the caller has read it already.
+    """
+    model_dir = Path(model_dir)
+    meta = meta or c.read_model_config(model_dir / CONFIG, WRITER)
+    if data is not None:
+        c.check_item_map_hash(meta.get("item_map_sha256"), data.item_map_sha256, str(model_dir / CONFIG),
+                              "evaluate it on the data it was trained on, or re-run pretrain-sasrec")
+        if meta["model"]["max_len"] != data.max_len:
+            raise E4SRecError(f"{model_dir / CONFIG}: max_len {meta['model']['max_len']} differs from the data's "
+                              f"{data.max_len}; re-run pretrain-sasrec on this data")
+    try:
+        model = SASRec(SASRecConfig(**meta["model"]))
+    except (TypeError, ValueError, KeyError) as e:
+        raise E4SRecError(f"{model_dir / CONFIG}: field 'model' is not a SASRec configuration ({e}); "
+                          f"point at a pretrain-sasrec output") from None
+    weights = c.read_safetensors(model_dir / WEIGHTS)
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        first = str(e).split("\n")[1].strip() if "\n" in str(e) else str(e)
+        raise E4SRecError(f"{model_dir / WEIGHTS}: does not fit the model its config.json describes ({first}); "
+                          f"point at a pretrain-sasrec output") from None
+    return model.eval()
+
+
+def save_item_embeddings(path: Path, embeddings: torch.Tensor, item_map_sha256: str, source: str) -> None:
+    """(N+1, d) float32 table with the item-map hash in the safetensors header."""
+    save_file({EMBEDDINGS_KEY: embeddings.detach().float().cpu().contiguous()}, str(path), metadata={
+        "item_map_sha256": item_map_sha256, "n_items": str(embeddings.shape[0] - 1),
+        "dim": str(embeddings.shape[1]), "source": source,
+    })
+
+
+def load_item_embeddings(path: Path | str, expected_item_map_sha256: str) -> torch.Tensor:
+    """Read an item-embedding table (a file, or the folder holding it), refusing one of another item map."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / EMBEDDINGS
+    if not path.is_file():
+        raise E4SRecError(f"{path}: embeddings file not found; point at a pretrain-sasrec output")
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+            table = f.get_tensor(EMBEDDINGS_KEY)
+    except Exception as e:  # safetensors raises its own error types
+        raise E4SRecError(f"{path}: not a readable safetensors embedding table ({e})") from None
+    c.check_item_map_hash(meta.get("item_map_sha256"), expected_item_map_sha256, str(path),
+                          "re-run pretrain-sasrec on this data")
+    if table.ndim != 2 or not table.is_floating_point():
+        raise E4SRecError(f"{path}: {EMBEDDINGS_KEY} is a {tuple(table.shape)} {table.dtype} tensor, not a "
+                          f"(items + 1, dim) float table; point at a pretrain-sasrec output")
+    bad = (~torch.isfinite(table)).any(1).nonzero().flatten()
+    if len(bad):
+        raise E4SRecError(f"{path}: row {int(bad[0])} of {EMBEDDINGS_KEY} is not finite (NaN or inf; {len(bad)} rows "
+                          f"in all); re-run pretrain-sasrec")
+    return table

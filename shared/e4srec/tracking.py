@@ -22,15 +22,16 @@ import contextlib
 import os
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 PIPELINE_RUN_TAG = "e4srec.pipeline_run_id"
 RERUN_TAG = "e4srec.rerun_of"  # on a rerun's parent run: the pipeline run id whose outputs it reran on
 STAGE_TAG = "e4srec.stage"
 DEFAULT_EXPERIMENT = "e4srec"
+T = TypeVar("T")
 
 
 def mlflow_key(name: str) -> str:
@@ -285,6 +286,31 @@ def stage_run(
                 if status == "FINISHED":
                     _summarise_on_parent(client, run.info.run_id, parent, stage)
                 client.set_terminated(parent, status)
+
+
+def tracked(stage: str, check: Callable[..., None], *, rank_zero_only: bool = False
+            ) -> Callable[[Callable[..., T]], Callable[..., T]]:
+    """Make a stage's `run_tracked` from its `run(*args, overwrite=..., tracker=..., **kwargs)`.
+
+    `run_tracked(*args, tracking=True, experiment=..., pipeline_run_id="", pipeline_run_name="", **kwargs)`
+    calls `check(*args, overwrite=...)` first (a refused output then leaves no FAILED run behind), then
+    `run` inside the stage's MLflow run, nested under the pipeline run when there is one. With
+    `rank_zero_only` (a stage that runs under torchrun) only rank 0 tracks.
+    """
+
+    def wrap(run: Callable[..., T]) -> Callable[..., T]:
+        def run_tracked(*args: Any, tracking: bool = True, experiment: str = DEFAULT_EXPERIMENT,
+                        pipeline_run_id: str = "", pipeline_run_name: str = "", **kwargs: Any) -> T:
+            check(*args, overwrite=kwargs.get("overwrite", False))
+            enabled = tracking and not (rank_zero_only and int(os.environ.get("RANK", "0")) != 0)
+            with stage_run(stage, enabled=enabled, experiment=experiment, pipeline_run_id=pipeline_run_id,
+                           pipeline_run_name=pipeline_run_name) as tracker:
+                return run(*args, tracker=tracker, **kwargs)
+
+        run_tracked.__doc__ = f"`run` inside the {stage} stage's MLflow run (see e4srec.tracking.tracked)."
+        return run_tracked
+
+    return wrap
 
 
 # A stage's metrics that the pipeline run's parent carries too, as STAGE/KEY, so that MLflow's runs

@@ -57,9 +57,9 @@ def load(folder: Path | str, device: torch.device | str = "cpu", dtype: str | No
     kind, meta = read_config(folder)
     device = torch.device(device)
     if kind == "e4srec":
-        from e4srec.stages import train_e4srec
+        from e4srec.e4srec import load_model
 
-        model = train_e4srec.load_model(folder, device, dtype, backbone=backbone)
+        model = load_model(folder, device, dtype, backbone=backbone, meta=meta)
         if merge_adapter and meta["llm"].get("quantization", "none") == "none":
             model.llm.merge_adapter()
         cache = model.prefix_cache()  # after any merge: the instruction's keys and values pass the adapter
@@ -73,9 +73,9 @@ def load(folder: Path | str, device: torch.device | str = "cpu", dtype: str | No
     else:
         if dtype or backbone:
             raise E4SRecError(f"{folder}: a SASRec model has no backbone; --dtype and a backbone apply to E4SRec")
-        from e4srec.stages import pretrain_sasrec
+        from e4srec.sasrec import load_model
 
-        sasrec = pretrain_sasrec.load_model(folder).to(device)
+        sasrec = load_model(folder, meta=meta).to(device)
         max_len = sasrec.config.max_len
         score, model, packed = sasrec.score_all_items, sasrec, None
     ids = ["<pad>"] + [str(x) for x in pq.read_table(folder / c.ITEM_MAP).column("item_id").to_pylist()]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from e4srec import contracts as c
+from e4srec import llm
 from e4srec.stages import instruction_tune as stage
 from e4srec_components.instruction_tune import component
 from helpers import DATA
@@ -13,7 +14,7 @@ from kfp import local
 
 def test_run_skip_writes_only_the_descriptor(tmp_path: Path) -> None:
     stage.run(stage.InstructionTuneConfig(backbone="tiny", skip=True), None, tmp_path / "out")
-    assert c.read_json(tmp_path / "out" / stage.DESCRIPTOR)["adapter"] is None
+    assert c.read_json(tmp_path / "out" / llm.DESCRIPTOR)["adapter"] is None
 
 
 def test_component_runs_in_kfp_local(tmp_path: Path) -> None:

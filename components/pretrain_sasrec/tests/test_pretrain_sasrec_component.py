@@ -9,6 +9,7 @@ A lone kfp.local component cannot take an input artifact, so the test feeds it t
 from pathlib import Path
 
 from e4srec import contracts as c
+from e4srec import sasrec as sasrec_model
 from e4srec.stages import pretrain_sasrec as stage
 from e4srec_components.pretrain_sasrec import component
 from kfp import dsl, local
@@ -17,7 +18,7 @@ from kfp import dsl, local
 def test_run_writes_weights_embeddings_and_metrics(prepared: Path, tmp_path: Path) -> None:
     config = stage.PretrainSasrecConfig(epochs=1, dim=32, device="cpu")
     metrics = stage.run(config, prepared, tmp_path / "m", progress=False)
-    emb = stage.load_item_embeddings(tmp_path / "m", c.load_sequence_data(prepared).item_map_sha256)
+    emb = sasrec_model.load_item_embeddings(tmp_path / "m", c.load_sequence_data(prepared).item_map_sha256)
     assert emb.shape[1] == 32
     assert metrics == c.read_json(tmp_path / "m" / c.METRICS)
 
@@ -36,4 +37,4 @@ def test_component_runs_in_a_one_stage_kfp_local_pipeline(prepared: Path, tmp_pa
     model = rerun().output
     assert model.metadata["item_map_sha256"] == manifest["item_map_sha256"]
     assert c.read_json(Path(model.path) / "config.json")["train"]["loss"] == "ce"
-    assert (Path(model.path) / stage.EMBEDDINGS).is_file()
+    assert (Path(model.path) / sasrec_model.EMBEDDINGS).is_file()

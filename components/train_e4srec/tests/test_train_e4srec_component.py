@@ -7,6 +7,7 @@ The inputs come from earlier outputs through `dsl.importer`, the way one stage i
 from pathlib import Path
 
 from e4srec import contracts as c
+from e4srec import e4srec as e4srec_model
 from e4srec.stages import train_e4srec as stage
 from e4srec_components.train_e4srec import component
 from kfp import dsl, local
@@ -16,7 +17,7 @@ def test_run_writes_a_reloadable_model(prepared: Path, sasrec_dir: Path, tmp_pat
     config = stage.TrainE4SRecConfig(device="cpu", max_examples=64, eval_users=50, batch_size=16)
     metrics = stage.run(config, prepared, sasrec_dir, "tiny", tmp_path / "m", progress=False)
     assert metrics == c.read_json(tmp_path / "m" / c.METRICS) and metrics["eval/users"] == 50
-    model = stage.load_model(tmp_path / "m")
+    model = e4srec_model.load_model(tmp_path / "m")
     assert model.config.n_items == c.load_sequence_data(prepared).n_items
 
 

@@ -8,7 +8,6 @@ max_len; the history's own items are never recommended.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,28 +20,20 @@ from e4srec.errors import E4SRecError
 from e4srec.outputs import preflight, staged_output
 from e4srec.progress import progress as progress_bar
 from e4srec.recommend import Recommender
+from e4srec.settings import BatchRecommendConfig
 from e4srec.storage import fetch
-from e4srec.tracking import Tracker, stage_run
+from e4srec.tracking import Tracker, tracked
 from e4srec.trained import read_config
 
 STAGE = "batch-recommend"
 OUTPUT = "recommendations.parquet"
 
 
-@dataclass
-class BatchRecommendConfig:
-    """Settings of batch-recommend."""
-
-    k: int = cfg.option(10, "items per user")
-    batch_size: int = cfg.option(64, "users per scoring batch")
-    max_users: int = cfg.option(0, "only the first N users (0: all)")
-    device: str = cfg.option("auto", "cpu, cuda, cuda:N or auto")
-
-    def __post_init__(self) -> None:
-        cfg.check_fields(self)
-        for name in ("k", "batch_size"):
-            cfg.require(getattr(self, name) >= 1, self, name, "must be >= 1")
-        cfg.require(self.max_users >= 0, self, "max_users", "must be >= 0")
+def check(config: BatchRecommendConfig, model_dir: Path | str, data_dir: Path | str, output: Path | str,
+          overwrite: bool = False) -> None:
+    """Refuse, before any work, an output that is not free or that overlaps the inputs."""
+    registered = str(model_dir).startswith("models:/")
+    preflight(output, overwrite, {"--data": data_dir} | ({} if registered else {"--model": model_dir}))
 
 
 def run(config: BatchRecommendConfig, model_dir: Path | str, data_dir: Path | str, output: Path | str, *,
@@ -52,7 +43,7 @@ def run(config: BatchRecommendConfig, model_dir: Path | str, data_dir: Path | st
 
     tracker = tracker or Tracker(None)
     registered = str(model_dir).startswith("models:/")
-    preflight(output, overwrite, {"--data": data_dir} | ({} if registered else {"--model": model_dir}))
+    check(config, model_dir, data_dir, output, overwrite)
     data = c.load_sequence_data(fetch(data_dir))
     backbone = None
     if registered:  # the registered model's own files: its folder and, for an E4SRec, its logged backbone
@@ -91,12 +82,4 @@ def run(config: BatchRecommendConfig, model_dir: Path | str, data_dir: Path | st
     return metrics
 
 
-def run_tracked(config: BatchRecommendConfig, model_dir: Path | str, data_dir: Path | str, output: Path | str, *,
-                overwrite: bool = False, tracking: bool = True, experiment: str = "e4srec",
-                pipeline_run_id: str = "", pipeline_run_name: str = "") -> dict[str, float]:
-    """`run` inside the stage's MLflow run."""
-    # before the MLflow run: a refused output leaves no FAILED run behind
-    preflight(output, overwrite, {"--data": data_dir} | ({} if str(model_dir).startswith("models:/") else {"--model": model_dir}))
-    with stage_run(STAGE, enabled=tracking, experiment=experiment, pipeline_run_id=pipeline_run_id,
-                   pipeline_run_name=pipeline_run_name) as tracker:
-        return run(config, model_dir, data_dir, output, overwrite=overwrite, tracker=tracker)
+run_tracked = tracked(STAGE, check)(run)

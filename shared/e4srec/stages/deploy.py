@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,39 +32,15 @@ from e4srec import registry, trained
 from e4srec.data import seeded_subset
 from e4srec.device import resolve_device
 from e4srec.errors import E4SRecError
-from e4srec.evaluate import METRICS, PROTOCOLS, evaluate
+from e4srec.evaluate import evaluate
 from e4srec.outputs import preflight, staged_output
+from e4srec.settings import DeployConfig
 from e4srec.storage import fetch
-from e4srec.tracking import Tracker, mlflow_key, stage_run
+from e4srec.tracking import Tracker, mlflow_key, tracked
 
 STAGE = "deploy"
 VERDICT = "verdict.json"
 LABELS = trained.LABELS  # E4SRec, SASRec: how verdicts name the kinds
-
-
-@dataclass
-class DeployConfig:
-    """Settings of deploy (CLI flags, KFP parameters and verdict.json share them)."""
-
-    registered_model: str = cfg.option("", "registered model name (default: e4srec-<dataset>, one per dataset)")
-    metric: str = cfg.option("test/full/NDCG@10", "metric the gate compares (a metrics.json key)")
-    min_margin: float = cfg.option(0.0, "the candidate must beat the champion by more than this")
-    when_no_champion: str = cfg.option("promote", "first run, no champion yet: promote or hold",
-                                       choices=("promote", "hold"))
-    force_promote: bool = cfg.option(False, "make the run's E4SRec champion whatever the scores say (recorded as forced)")
-    eval_users: int = cfg.option(0, "compare on this many users drawn with the seed (0: all)")
-    eval_batch_size: int = cfg.option(64, "users per scoring batch")
-    seed: int = cfg.option(42, "seed for the user sample")
-    device: str = cfg.option("auto", "cpu, cuda, cuda:N or auto")
-
-    def __post_init__(self) -> None:
-        cfg.check_fields(self)
-        parts = self.metric.split("/")
-        cfg.require(len(parts) == 3 and parts[0] in c.SPLITS and parts[1] in PROTOCOLS and parts[2] in METRICS, self,
-                    "metric", f"expected <split>/<protocol>/<metric> with split in {'/'.join(c.SPLITS)}, protocol in "
-                    f"{'/'.join(PROTOCOLS)}, metric in {', '.join(METRICS)}; e.g. test/full/NDCG@10")
-        cfg.require(self.min_margin >= 0, self, "min_margin", "must be >= 0")
-        cfg.require(self.eval_users >= 0, self, "eval_users", "must be >= 0")
 
 
 def _score(folder: Path, data: c.SequenceData, config: DeployConfig, users: np.ndarray | None,
@@ -174,14 +149,26 @@ def _undo(name: str, existed: bool, aliases: dict[str, Any], versions: dict[str,
         print(f"warning: could not undo the registration of {name} versions {list(versions.values())}: {e}")
 
 
+def check(config: DeployConfig, model_dir: Path | str, sasrec_dir: Path | str, data_dir: Path | str,
+          output: Path | str, overwrite: bool = False) -> None:
+    """Refuse, before any work, an output that is not free or that overlaps the inputs."""
+    preflight(output, overwrite, {"--model": model_dir, "--sasrec": sasrec_dir, "--data": data_dir})
+
+
 def run(config: DeployConfig, model_dir: Path | str, sasrec_dir: Path | str, data_dir: Path | str,
         output: Path | str, *, apply: bool = True, overwrite: bool = False, tracker: Tracker | None = None
-        ) -> tuple[dict[str, float], dict]:
-    """Score the run's E4SRec (`model_dir`), its SASRec and the champion; register both; write the verdict."""
-    tracker = tracker or Tracker(None)
-    if not tracker.enabled:
+        ) -> dict[str, float]:
+    """Score the run's E4SRec (`model_dir`), its SASRec and the champion; register both; write the verdict
+    (`read_verdict(output)`). The registry needs a tracker; with tracking turned off (`run_tracked(...,
+    tracking=False)`, as the pipeline's `tracking` parameter does) nothing is registered and the verdict
+    is "hold"."""
+    if tracker is None:
         raise E4SRecError("deploy registers models in MLflow; run it with tracking on (drop --no-tracking)")
-    preflight(output, overwrite, {"--model": model_dir, "--sasrec": sasrec_dir, "--data": data_dir})
+    check(config, model_dir, sasrec_dir, data_dir, output, overwrite)
+    if not tracker.enabled:
+        with staged_output(output, overwrite) as out:
+            c.write_json(out / VERDICT, {"promote": False, "reason": "tracking is off"})
+        return {"deploy/promote": 0.0}
     folders = {"e4srec": Path(fetch(model_dir)), "sasrec": Path(fetch(sasrec_dir))}
     data = c.load_sequence_data(fetch(data_dir))
     for kind, folder in folders.items():
@@ -217,7 +204,12 @@ def run(config: DeployConfig, model_dir: Path | str, sasrec_dir: Path | str, dat
         c.write_json(out / c.METRICS, metrics)
         tracker.log_metrics(metrics)
         tracker.log_artifact(out / VERDICT)
-    return metrics, verdict
+    return metrics
+
+
+def read_verdict(output: Path | str) -> dict[str, Any]:
+    """The verdict.json a deploy run wrote into `output` (a folder or its S3 URI)."""
+    return c.read_json(Path(fetch(output)) / VERDICT)
 
 
 def summary(verdict: dict) -> list[str]:
@@ -228,13 +220,15 @@ def summary(verdict: dict) -> list[str]:
             f"gate ({verdict['users']:,} users): {'PROMOTE' if verdict['promote'] else 'hold'}: {verdict['reason']}"]
 
 
-def run_tracked(config: DeployConfig, model_dir: Path | str, sasrec_dir: Path | str, data_dir: Path | str,
-                output: Path | str, *, apply: bool = True, overwrite: bool = False, tracking: bool = True,
-                experiment: str = "e4srec", pipeline_run_id: str = "", pipeline_run_name: str = ""
-                ) -> tuple[dict[str, float], dict]:
-    """`run` inside the stage's MLflow run (the models are logged into it)."""
-    # before the MLflow run: a refused output leaves no FAILED run behind
-    preflight(output, overwrite, {"--model": model_dir, "--sasrec": sasrec_dir, "--data": data_dir})
-    with stage_run(STAGE, enabled=tracking, experiment=experiment, pipeline_run_id=pipeline_run_id,
-                   pipeline_run_name=pipeline_run_name) as tracker:
-        return run(config, model_dir, sasrec_dir, data_dir, output, apply=apply, overwrite=overwrite, tracker=tracker)
+def promote_champion(verdict_dir: Path | str, actor: str = "") -> dict:
+    """Point `champion` at the version a verdict approved, recording the move (the pipeline's step under
+    dsl.If on the verdict); the move as `registry.describe` prints it."""
+    decision = read_verdict(verdict_dir)
+    if actor:
+        os.environ.setdefault("E4SREC_ACTOR", actor)
+    return registry.move_alias(decision["registered_model"], registry.CHAMPION, decision["challenger_version"],
+                               decision["reason"], {decision["metric"]: decision["challenger_value"]},
+                               forced=bool(decision.get("forced")))
+
+
+run_tracked = tracked(STAGE, check)(run)

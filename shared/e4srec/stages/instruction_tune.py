@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,75 +26,30 @@ import torch
 from e4srec import config as cfg
 from e4srec import contracts as c
 from e4srec import instructions as ins
-from e4srec.backbones import Backbone, BackboneOptions, check_local, load_backbone
+from e4srec.backbones import Backbone, check_local, load_backbone
 from e4srec.device import resolve_device
 from e4srec.errors import E4SRecError
+from e4srec.llm import ADAPTER, BASE_RECORD, DESCRIPTOR, MERGED
 from e4srec.outputs import preflight, staged_output
 from e4srec.progress import progress as progress_bar
 from e4srec.prompt import alpaca
+from e4srec.settings import InstructionTuneConfig
 from e4srec.storage import fetch
-from e4srec.tracking import Tracker, figure_to_artifact, stage_run
+from e4srec.tracking import Tracker, figure_to_artifact, tracked
+from e4srec.training import Optimizer
 
 STAGE = "instruction-tune"
-DESCRIPTOR = "backbone.json"
-ADAPTER = "adapter"
-MERGED = "merged"
-BASE_RECORD = "e4srec_base.json"
-ALL_LINEAR = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
-
-
-@dataclass
-class InstructionTuneConfig(BackboneOptions):
-    """Settings of instruction-tune (CLI flags, KFP parameters and backbone.json share them)."""
-
-    skip: bool = cfg.option(False, "pass the base through untouched (right for an already instruction-tuned "
-                                   "base such as SmolLM2-Instruct)")
-    holdout: int = cfg.option(100, "examples held out (seeded) for the before/after loss and generations")
-    max_examples: int = cfg.option(0, "train on the first N training examples only (0: all); CPU demos use a slice")
-    epochs: int = cfg.option(1, "passes over the training examples")
-    batch_size: int = cfg.option(8, "examples per micro-batch")
-    grad_accum: int = cfg.option(1, "micro-batches per optimizer step")
-    lr: float = cfg.option(2e-4, "peak AdamW learning rate (cosine decay after warmup)")
-    warmup_ratio: float = cfg.option(0.1, "fraction of the optimizer steps spent warming up linearly")
-    weight_decay: float = cfg.option(0.0, "AdamW weight decay on the LoRA weights")
-    max_length: int = cfg.option(256, "tokens per example; longer ones are cut (counted and logged)")
-    lora_r: int = cfg.option(16, "LoRA rank")
-    lora_alpha: int = cfg.option(32, "LoRA alpha (scale = alpha / r)")
-    lora_dropout: float = cfg.option(0.05, "LoRA dropout")
-    target_modules: str = cfg.option(ALL_LINEAR, "comma-separated module names LoRA wraps")
-    merge: bool = cfg.option(False, "also write the backbone with the adapter merged in (not for quantized bases)")
-    generations: int = cfg.option(3, "held-out prompts answered greedily before and after tuning")
-    max_new_tokens: int = cfg.option(48, "tokens per generated answer")
-    seed: int = cfg.option(42, "seed for the split, the batch order and LoRA initialisation")
-    device: str = cfg.option("auto", "cpu, cuda, cuda:N or auto")
-    threads: int = cfg.option(0, "CPU threads for torch (0: torch's default)")
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        for name in ("epochs", "batch_size", "grad_accum", "max_length", "lora_r", "lora_alpha"):
-            cfg.require(getattr(self, name) >= 1, self, name, "must be >= 1")
-        for name in ("holdout", "max_examples", "generations", "max_new_tokens", "threads"):
-            cfg.require(getattr(self, name) >= 0, self, name, "must be >= 0")
-        cfg.require(self.lr > 0, self, "lr", "must be > 0")
-        cfg.require(self.weight_decay >= 0, self, "weight_decay", "must be >= 0")
-        cfg.require(0 <= self.warmup_ratio < 1, self, "warmup_ratio", "must be in [0, 1)")
-        cfg.require(0 <= self.lora_dropout < 1, self, "lora_dropout", "must be in [0, 1)")
-        cfg.require(bool(self.modules()), self, "target_modules", "name at least one module")
-        cfg.require(not (self.merge and self.quantization != "none"), self, "merge",
-                    "a quantized base cannot be merged; drop --merge or --quantization")
-
-    def modules(self) -> list[str]:
-        return [m.strip() for m in self.target_modules.split(",") if m.strip()]
 
 
 @torch.no_grad()
-def heldout_loss(model: Any, encoded: ins.Encoded, pad_id: int, batch_size: int, device: torch.device,
+def heldout_loss(model: Any, encoded: ins.Encoded, tokenizer: Any, batch_size: int, device: torch.device,
                  progress: bool = True) -> float:
     """Mean cross-entropy per response token over the held-out examples."""
     total, count = 0.0, 0
-    starts = range(0, len(encoded.input_ids), batch_size)
-    for s in progress_bar(starts, desc="held-out loss", unit="batch", disable=not progress, leave=False):
-        batch = ins.collate(encoded.input_ids[s : s + batch_size], encoded.labels[s : s + batch_size], pad_id)
+    n = len(encoded.input_ids)
+    order = [np.arange(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
+    for batch in progress_bar(ins.batches(encoded, tokenizer, order), desc="held-out loss", unit="batch",
+                              disable=not progress, leave=False, total=len(order)):
         batch = {k: v.to(device) for k, v in batch.items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
         shift_logits, shift_labels = logits[:, :-1], batch["labels"][:, 1:]  # token t predicts t+1
@@ -123,56 +77,6 @@ def generate(model: Any, tokenizer: Any, examples: list[ins.Example], max_new_to
     return [tokenizer.decode(o[batch["input_ids"].shape[1] :], skip_special_tokens=True).strip() for o in out]
 
 
-def apply_adapter(backbone: Backbone, adapter_dir: Path | str, *, merge: bool = True) -> Backbone:
-    """Stack (or merge) an instruction adapter onto `backbone`, refusing one trained on another base."""
-    from peft import PeftModel
-
-    adapter_dir = Path(adapter_dir)
-    if not (adapter_dir / "adapter_config.json").is_file():
-        raise E4SRecError(f"{adapter_dir}: not a PEFT adapter folder (no adapter_config.json)")
-    base = c.read_json(adapter_dir / BASE_RECORD) if (adapter_dir / BASE_RECORD).is_file() else {}
-    if base.get("fingerprint") != backbone.fingerprint or base.get("backbone") != backbone.spec:
-        raise E4SRecError(
-            f"{adapter_dir}: adapter was trained on backbone {base.get('backbone')!r} "
-            f"(architecture {base.get('fingerprint')}), not on {backbone.spec!r} ({backbone.fingerprint}); "
-            f"pass the backbone it was trained on"
-        )
-    model = PeftModel.from_pretrained(backbone.model, str(adapter_dir))
-    if merge:
-        model = model.merge_and_unload()
-    model.requires_grad_(False)
-    return Backbone(model.eval(), backbone.tokenizer, backbone.spec, backbone.source, backbone.fingerprint)
-
-
-def load_tuned_backbone(stage_dir: Path | str, device: torch.device | str = "cpu", dtype: str | None = None
-                        ) -> tuple[Backbone, dict]:
-    """What the E4SRec stage calls: the backbone an instruction-tune output describes, adapter applied.
-
-    `dtype` (when given) replaces the recorded precision; the adapter is merged in that precision.
-    """
-    stage_dir = Path(stage_dir)
-    descriptor = c.read_json_object(stage_dir / DESCRIPTOR, {"backbone": str, "dtype": str, "quantization": str,
-                                                             "local_files_only": bool},
-                                    "point --llm at an instruction-tune output, or re-run instruction-tune")
-    for key in (ADAPTER, MERGED):
-        value = descriptor.get(key)
-        if value is not None and (not isinstance(value, str) or not (stage_dir / value).is_dir()):
-            raise E4SRecError(f"{stage_dir / DESCRIPTOR}: field {key!r} is {value!r}, not a folder beside it; "
-                              f"re-run instruction-tune")
-    if dtype is not None:
-        descriptor = {**descriptor, "dtype": dtype}
-    options = BackboneOptions(**{k: descriptor[k] for k in ("backbone", "dtype", "quantization", "local_files_only")})
-    if descriptor.get(MERGED):
-        options.backbone = f"hf:{stage_dir / descriptor[MERGED]}"
-        backbone = load_backbone(options, device)
-        backbone.spec = descriptor["backbone"]
-        return backbone, descriptor
-    backbone = load_backbone(options, device)
-    if descriptor.get(ADAPTER):
-        backbone = apply_adapter(backbone, stage_dir / descriptor[ADAPTER], merge=options.quantization == "none")
-    return backbone, descriptor
-
-
 def _descriptor(config: InstructionTuneConfig, *, adapter: bool, merged: bool, fingerprint: str | None) -> dict:
     return {"stage": STAGE, "backbone": config.backbone, "dtype": config.dtype, "quantization": config.quantization,
             "local_files_only": config.local_files_only, "fingerprint": fingerprint, "skipped": config.skip,
@@ -193,7 +97,6 @@ def train(config: InstructionTuneConfig, backbone: Backbone, train_set: ins.Enco
           tracker: Tracker, progress: bool) -> tuple[Any, list[dict[str, float]]]:
     """LoRA SFT with AdamW, cosine schedule with warmup, accumulation and clipping; returns (peft model, log)."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import get_cosine_schedule_with_warmup
 
     torch.manual_seed(config.seed)
     model = backbone.model
@@ -205,33 +108,29 @@ def train(config: InstructionTuneConfig, backbone: Backbone, train_set: ins.Enco
         model = get_peft_model(model, lora)
     except ValueError as e:
         raise E4SRecError(f"InstructionTuneConfig.target_modules={config.target_modules!r}: {e}") from None
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     micro = math.ceil(len(train_set.input_ids) / config.batch_size)
     total = config.epochs * math.ceil(micro / config.grad_accum)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, int(config.warmup_ratio * total), total)
+    optimizer = Optimizer([p for p in model.parameters() if p.requires_grad], lr=config.lr,
+                          weight_decay=config.weight_decay, warmup_ratio=config.warmup_ratio, total_steps=total,
+                          max_grad_norm=config.max_grad_norm)
     rng = np.random.default_rng(config.seed)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    pad = backbone.tokenizer.pad_token_id
     log: list[dict[str, float]] = []
     step, running = 0, 0.0
     model.train()
     bar = progress_bar(range(total), desc=STAGE, unit="step", disable=not progress, mininterval=5)
     batches = [order for _ in range(config.epochs) for order in np.array_split(
         rng.permutation(len(train_set.input_ids)), micro)]
-    for i, rows in enumerate(batches):
-        batch = ins.collate([train_set.input_ids[r] for r in rows], [train_set.labels[r] for r in rows], pad)
+    for i, batch in enumerate(ins.batches(train_set, backbone.tokenizer, batches)):
         with autocast:
             loss = model(**{k: v.to(device) for k, v in batch.items()}).loss / config.grad_accum
         loss.backward()
         running += loss.item()
         if (i + 1) % config.grad_accum == 0 or i + 1 == len(batches):
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.clip()
             optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
             step += 1
-            row = {"step": step, "train/loss": running, "train/lr": scheduler.get_last_lr()[0]}
+            row = {"step": step, "train/loss": running, "train/lr": optimizer.lr}
             log.append(row)
             tracker.log_metrics({"train/loss": running, "train/lr": row["train/lr"]}, step=step)
             bar.update(1)
@@ -242,11 +141,17 @@ def train(config: InstructionTuneConfig, backbone: Backbone, train_set: ins.Enco
     return model, log
 
 
+def check(config: InstructionTuneConfig, instructions: Path | str | None, output: Path | str,
+          overwrite: bool = False) -> None:
+    """Refuse, before any work, an output that is not free or that overlaps the inputs."""
+    preflight(output, overwrite, {"--instructions": instructions, "--backbone": config.backbone.split(":", 1)[-1]})
+
+
 def run(config: InstructionTuneConfig, instructions: Path | str | None, output: Path | str, *,
         overwrite: bool = False, tracker: Tracker | None = None, progress: bool = True) -> dict[str, float]:
     """Tune (or pass through) the backbone and write the stage's folder into `output`."""
     tracker = tracker or Tracker(None)
-    preflight(output, overwrite, {"--instructions": instructions, "--backbone": config.backbone.split(":", 1)[-1]})
+    check(config, instructions, output, overwrite)
     check_local(config.backbone)
     tracker.log_params(cfg.to_dict(config))
     if config.skip:
@@ -278,12 +183,12 @@ def run(config: InstructionTuneConfig, instructions: Path | str | None, output: 
     if not train_set.input_ids:
         raise E4SRecError(f"no training example fits max_length={config.max_length}; raise --max-length")
     shown = held[: config.generations]
-    before_loss = heldout_loss(backbone.model, held_set, tok.pad_token_id, config.batch_size, device, progress)
+    before_loss = heldout_loss(backbone.model, held_set, tok, config.batch_size, device, progress)
     before = generate(backbone.model, tok, shown, config.max_new_tokens, device)
     t1 = time.perf_counter()
     model, log = train(config, backbone, train_set, device, tracker, progress)
     train_seconds = time.perf_counter() - t1
-    after_loss = heldout_loss(model, held_set, tok.pad_token_id, config.batch_size, device, progress)
+    after_loss = heldout_loss(model, held_set, tok, config.batch_size, device, progress)
     after = generate(model, tok, shown, config.max_new_tokens, device)
     n_train = len(train_set.input_ids) * config.epochs
     metrics = {
@@ -322,12 +227,4 @@ def run(config: InstructionTuneConfig, instructions: Path | str | None, output: 
     return metrics
 
 
-def run_tracked(config: InstructionTuneConfig, instructions: Path | str | None, output: Path | str, *,
-                overwrite: bool = False, tracking: bool = True, experiment: str = "e4srec",
-                pipeline_run_id: str = "", pipeline_run_name: str = "", progress: bool = True) -> dict[str, float]:
-    """`run` inside the stage's MLflow run (nested under the pipeline run when ids are given)."""
-    # before the MLflow run: a refused output leaves no FAILED run behind
-    preflight(output, overwrite, {"--instructions": instructions, "--backbone": config.backbone.split(":", 1)[-1]})
-    with stage_run(STAGE, enabled=tracking, experiment=experiment, pipeline_run_id=pipeline_run_id,
-                   pipeline_run_name=pipeline_run_name) as tracker:
-        return run(config, instructions, output, overwrite=overwrite, tracker=tracker, progress=progress)
+run_tracked = tracked(STAGE, check)(run)

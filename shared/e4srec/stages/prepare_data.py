@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -15,37 +14,11 @@ from e4srec import contracts as c
 from e4srec import data as d
 from e4srec.errors import E4SRecError
 from e4srec.outputs import preflight, staged_output
+from e4srec.settings import PrepareDataConfig
 from e4srec.storage import fetch
-from e4srec.tracking import Tracker, figure_to_artifact, stage_run
+from e4srec.tracking import Tracker, figure_to_artifact, tracked
 
 STAGE = "prepare-data"
-
-
-MAX_LEN_LIMIT = 4096
-
-
-@dataclass
-class PrepareDataConfig:
-    """Settings of prepare-data (CLI flags, KFP parameters and manifest.json share them)."""
-
-    format: str = cfg.option(
-        "auto", "input format: s3rec ('user item item ...' lines), interactions (Parquet/CSV table), "
-        "or auto (by file suffix)", choices=("auto", "s3rec", "interactions"),
-    )
-    user_col: str = cfg.option("user_id", "interactions table: user column")
-    item_col: str = cfg.option("item_id", "interactions table: item column")
-    time_col: str = cfg.option("timestamp", "interactions table: timestamp column (numbers or dates)")
-    k_core: int = cfg.option(0, "keep only users and items with at least k interactions, iteratively (0: off)")
-    max_len: int = cfg.option(50, "histories are cut to their last max_len items everywhere downstream")
-    n_negatives: int = cfg.option(99, "sampled negatives per user for the sampled ranking protocol")
-    seed: int = cfg.option(42, "seed for negative sampling")
-
-    def __post_init__(self) -> None:
-        cfg.check_fields(self)
-        cfg.require(self.k_core >= 0, self, "k_core", "must be >= 0")
-        cfg.require(1 <= self.max_len <= MAX_LEN_LIMIT, self, "max_len", f"must be in [1, {MAX_LEN_LIMIT}] (every "
-                    f"model attends over max_len positions: SASRec's table and E4SRec's prompt grow with it)")
-        cfg.require(self.n_negatives >= 1, self, "n_negatives", "must be >= 1")
 
 
 def _plot_lengths(lengths: np.ndarray, max_len: int):  # noqa: ANN202 (matplotlib figure)
@@ -62,11 +35,16 @@ def _plot_lengths(lengths: np.ndarray, max_len: int):  # noqa: ANN202 (matplotli
     return fig
 
 
+def check(config: PrepareDataConfig, input_path: Path | str, output: Path | str, overwrite: bool = False) -> None:
+    """Refuse, before any work, an output that is not free or that overlaps the input."""
+    preflight(output, overwrite, {"--input": input_path})
+
+
 def run(config: PrepareDataConfig, input_path: Path | str, output: Path | str, *, overwrite: bool = False,
         tracker: Tracker | None = None) -> dict[str, float]:
     """Read `input_path`, write the prepare-data contract into `output`, return its metrics."""
     tracker = tracker or Tracker(None)
-    preflight(output, overwrite, {"--input": input_path})
+    check(config, input_path, output, overwrite)
     input_path = Path(fetch(input_path))
     if input_path.is_dir():
         raise E4SRecError(f"{input_path}: is a folder; --input takes a file (S3-Rec .txt, .csv, .tsv or .parquet)")
@@ -140,7 +118,7 @@ def run(config: PrepareDataConfig, input_path: Path | str, output: Path | str, *
         )
         c.write_json(out / c.MANIFEST, manifest)
         c.write_json(out / c.METRICS, metrics)
-        c.load_sequence_data(out)  # the reader's checks, once, before publishing
+        c.load_sequence_data(out)  # the reader's checks, once, before the folder is put in place
         tracker.log_params(cfg.to_dict(config))
         tracker.log_params({"input": input_path.name, "input_sha256": manifest["input"]["sha256"]})
         tracker.log_metrics(metrics | {"data/seconds": time.perf_counter() - t0})
@@ -149,12 +127,4 @@ def run(config: PrepareDataConfig, input_path: Path | str, output: Path | str, *
     return metrics
 
 
-def run_tracked(config: PrepareDataConfig, input_path: Path | str, output: Path | str, *, overwrite: bool = False,
-                tracking: bool = True, experiment: str = "e4srec", pipeline_run_id: str = "",
-                pipeline_run_name: str = "") -> dict[str, float]:
-    """`run` inside the stage's MLflow run (nested under the pipeline run when ids are given)."""
-    # before the MLflow run: a refused output leaves no FAILED run behind
-    preflight(output, overwrite, {"--input": input_path})
-    with stage_run(STAGE, enabled=tracking, experiment=experiment, pipeline_run_id=pipeline_run_id,
-                   pipeline_run_name=pipeline_run_name) as tracker:
-        return run(config, input_path, output, overwrite=overwrite, tracker=tracker)
+run_tracked = tracked(STAGE, check)(run)

@@ -18,71 +18,27 @@ import copy
 import json
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import safe_open, save_file
 
 from e4srec import config as cfg
 from e4srec import contracts as c
+from e4srec import sasrec
 from e4srec.device import resolve_device
 from e4srec.errors import E4SRecError
 from e4srec.evaluate import evaluate
 from e4srec.outputs import preflight, staged_output
 from e4srec.progress import progress as progress_bar
-from e4srec.sasrec import ARCHITECTURES, SASRec, SASRecConfig
+from e4srec.sasrec import SASRec, SASRecConfig
+from e4srec.settings import PretrainSasrecConfig
 from e4srec.storage import fetch
-from e4srec.tracking import Tracker, figure_to_artifact, stage_run
+from e4srec.tracking import Tracker, figure_to_artifact, tracked
 
-STAGE = "pretrain-sasrec"
-WEIGHTS = "model.safetensors"
-CONFIG = "config.json"
-EMBEDDINGS = "item_embeddings.safetensors"
-EMBEDDINGS_KEY = "item_embeddings"
+STAGE = sasrec.WRITER
 EARLY_STOP_METRIC = "valid/full/NDCG@10"
-
-
-@dataclass
-class PretrainSasrecConfig:
-    """Settings of pretrain-sasrec (CLI flags, KFP parameters and config.json share them)."""
-
-    loss: str = cfg.option("bce", "bce: one sampled negative per position (the paper); ce: softmax over all items",
-                           choices=("bce", "ce"))
-    arch: str = cfg.option("kang", "kang: the SASRec paper's code (pre-norm, ReLU); s3rec: the S3-Rec code "
-                                   "behind the published Amazon numbers (post-norm, GELU)", choices=ARCHITECTURES)
-    epochs: int = cfg.option(300, "maximum epochs (early stopping usually ends sooner; bce's best epoch "
-                                  "on Beauty came at 171-269 at batch 256)")
-    batch_size: int = cfg.option(256, "users per training batch (256 as in S3-Rec: bce on Beauty ranks "
-                                      "HR@10 0.060 against 0.055 at 128)")
-    lr: float = cfg.option(1e-3, "Adam learning rate")
-    weight_decay: float = cfg.option(0.0, "Adam L2 weight decay")
-    dim: int = cfg.option(64, "embedding and hidden size (E4SRec's projection expects 64)")
-    n_blocks: int = cfg.option(2, "transformer blocks")
-    n_heads: int = cfg.option(1, "attention heads")
-    dropout: float = cfg.option(0.5, "dropout rate (0.5 suits sparse Amazon data, 0.2 dense data)")
-    eval_every: int = cfg.option(1, "epochs between validation evaluations")
-    patience: int = cfg.option(60, "stop after this many evaluations without a better validation NDCG@10 "
-                                   "(bce improves in steps up to 40-60 epochs apart late in training)")
-    eval_batch_size: int = cfg.option(1024, "users per scoring batch")
-    bucket_by_length: bool = cfg.option(True, "batch users of similar length together (less padding, "
-                                              "same model); --no-bucket-by-length mixes lengths")
-    seed: int = cfg.option(42, "seed for initialisation, batching and negatives")
-    device: str = cfg.option("auto", "cpu, cuda, cuda:N or auto (cuda when available)")
-    threads: int = cfg.option(0, "CPU threads for torch (0: torch's default)")
-
-    def __post_init__(self) -> None:
-        cfg.check_fields(self)
-        for name in ("epochs", "batch_size", "dim", "n_blocks", "n_heads", "eval_every", "patience",
-                     "eval_batch_size"):
-            cfg.require(getattr(self, name) >= 1, self, name, "must be >= 1")
-        cfg.require(self.lr > 0, self, "lr", "must be > 0")
-        cfg.require(self.weight_decay >= 0, self, "weight_decay", "must be >= 0")
-        cfg.require(0 <= self.dropout < 1, self, "dropout", "must be in [0, 1)")
-        cfg.require(self.dim % self.n_heads == 0, self, "dim", f"must be divisible by n_heads={self.n_heads}")
-        cfg.require(self.threads >= 0, self, "threads", "must be >= 0")
 
 
 class Batches:
@@ -184,69 +140,16 @@ def train(config: PretrainSasrecConfig, data: c.SequenceData, tracker: Tracker |
     return model, log, best_epoch
 
 
-def save_item_embeddings(path: Path, embeddings: torch.Tensor, item_map_sha256: str, source: str) -> None:
-    """(N+1, d) float32 table with the item-map hash in the safetensors header."""
-    save_file({EMBEDDINGS_KEY: embeddings.float().cpu().contiguous()}, str(path), metadata={
-        "item_map_sha256": item_map_sha256, "n_items": str(embeddings.shape[0] - 1),
-        "dim": str(embeddings.shape[1]), "source": source,
-    })
-
-
-def load_item_embeddings(path: Path | str, expected_item_map_sha256: str) -> torch.Tensor:
-    """Read an item-embedding table, refusing one built against another item map."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / EMBEDDINGS
-    if not path.is_file():
-        raise E4SRecError(f"{path}: embeddings file not found; point at a pretrain-sasrec output")
-    try:
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-            table = f.get_tensor(EMBEDDINGS_KEY)
-    except Exception as e:  # safetensors raises its own error types
-        raise E4SRecError(f"{path}: not a readable safetensors embedding table ({e})") from None
-    c.check_item_map_hash(meta.get("item_map_sha256"), expected_item_map_sha256, str(path),
-                          "re-run pretrain-sasrec on this data")
-    if table.ndim != 2 or not table.is_floating_point():
-        raise E4SRecError(f"{path}: {EMBEDDINGS_KEY} is a {tuple(table.shape)} {table.dtype} tensor, not a "
-                          f"(items + 1, dim) float table; point at a pretrain-sasrec output")
-    bad = (~torch.isfinite(table)).any(1).nonzero().flatten()
-    if len(bad):
-        raise E4SRecError(f"{path}: row {int(bad[0])} of {EMBEDDINGS_KEY} is not finite (NaN or inf; {len(bad)} rows "
-                          f"in all); re-run pretrain-sasrec")
-    return table
-
-
-def load_model(model_dir: Path | str, data: c.SequenceData | None = None) -> SASRec:
-    """Rebuild a trained SASRec; with `data`, check it was trained on the same item map."""
-    model_dir = Path(model_dir)
-    meta = c.read_model_config(model_dir / CONFIG, STAGE)
-    if data is not None:
-        c.check_item_map_hash(meta.get("item_map_sha256"), data.item_map_sha256, str(model_dir / CONFIG),
-                              "evaluate it on the data it was trained on, or re-run pretrain-sasrec")
-        if meta["model"]["max_len"] != data.max_len:
-            raise E4SRecError(f"{model_dir / CONFIG}: max_len {meta['model']['max_len']} differs from the data's "
-                              f"{data.max_len}; re-run pretrain-sasrec on this data")
-    try:
-        model = SASRec(SASRecConfig(**meta["model"]))
-    except (TypeError, ValueError, KeyError) as e:
-        raise E4SRecError(f"{model_dir / CONFIG}: field 'model' is not a SASRec configuration ({e}); "
-                          f"point at a pretrain-sasrec output") from None
-    weights = c.read_safetensors(model_dir / WEIGHTS)
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as e:
-        first = str(e).split("\n")[1].strip() if "\n" in str(e) else str(e)
-        raise E4SRecError(f"{model_dir / WEIGHTS}: does not fit the model its config.json describes ({first}); "
-                          f"point at a pretrain-sasrec output") from None
-    return model.eval()
+def check(config: PretrainSasrecConfig, data_dir: Path | str, output: Path | str, overwrite: bool = False) -> None:
+    """Refuse, before any work, an output that is not free or that overlaps the input."""
+    preflight(output, overwrite, {"--data": data_dir})
 
 
 def run(config: PretrainSasrecConfig, data_dir: Path | str, output: Path | str, *, overwrite: bool = False,
         tracker: Tracker | None = None, progress: bool = True) -> dict[str, float]:
     """Train on `data_dir` (a prepare-data output), write the stage's artifacts to `output`."""
     tracker = tracker or Tracker(None)
-    preflight(output, overwrite, {"--data": data_dir})
+    check(config, data_dir, output, overwrite)
     data = c.load_sequence_data(fetch(data_dir))
     with staged_output(output, overwrite) as out:
         tracker.log_params(cfg.to_dict(config))
@@ -265,14 +168,10 @@ def run(config: PretrainSasrecConfig, data_dir: Path | str, output: Path | str, 
         }
         by_length = {r.split: r.by_length() for r in results}
 
-        model.cpu()
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / WEIGHTS))
-        c.write_json(out / CONFIG, {
-            "stage": STAGE, "model": model.config.to_dict(), "train": cfg.to_dict(config),
-            "item_map_sha256": data.item_map_sha256, "best_epoch": best_epoch,
+        sasrec.save_model(out, model.cpu(), data.item_map_sha256, {
+            "train": cfg.to_dict(config), "best_epoch": best_epoch,
             "data": {k: data.manifest[k] for k in ("n_users", "n_items", "n_interactions", "input")},
         })
-        save_item_embeddings(out / EMBEDDINGS, model.item_embeddings(), data.item_map_sha256, "sasrec")
         shutil.copyfile(data.root / c.ITEM_MAP, out / c.ITEM_MAP)
         c.write_json(out / c.METRICS, metrics)
         c.write_json(out / "metrics_by_length.json", by_length)
@@ -288,17 +187,9 @@ def run(config: PretrainSasrecConfig, data_dir: Path | str, output: Path | str, 
         figure_to_artifact(tracker, plots.training_curves(log, EARLY_STOP_METRIC), "training_curves.png", out)
         figure_to_artifact(tracker, plots.metrics_by_length(by_length["test"], title="SASRec test"),
                            "metrics_by_length.png", out)
-        for name in (CONFIG, c.METRICS, "metrics_by_length.json", "training_log.json"):
+        for name in (sasrec.CONFIG, c.METRICS, "metrics_by_length.json", "training_log.json"):
             tracker.log_artifact(out / name)
     return metrics
 
 
-def run_tracked(config: PretrainSasrecConfig, data_dir: Path | str, output: Path | str, *, overwrite: bool = False,
-                tracking: bool = True, experiment: str = "e4srec", pipeline_run_id: str = "",
-                pipeline_run_name: str = "", progress: bool = True) -> dict[str, float]:
-    """`run` inside the stage's MLflow run (nested under the pipeline run when ids are given)."""
-    # before the MLflow run: a refused output leaves no FAILED run behind
-    preflight(output, overwrite, {"--data": data_dir})
-    with stage_run(STAGE, enabled=tracking, experiment=experiment, pipeline_run_id=pipeline_run_id,
-                   pipeline_run_name=pipeline_run_name) as tracker:
-        return run(config, data_dir, output, overwrite=overwrite, tracker=tracker, progress=progress)
+run_tracked = tracked(STAGE, check)(run)

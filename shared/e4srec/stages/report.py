@@ -17,11 +17,12 @@ from typing import Any
 
 from e4srec import contracts as c
 from e4srec import published
+from e4srec.contracts import METRIC_NAMES, PROTOCOLS
 from e4srec.errors import E4SRecError
-from e4srec.evaluate import DEFAULT_LENGTH_EDGES, METRICS, PROTOCOLS, length_group_labels
+from e4srec.evaluate import DEFAULT_LENGTH_EDGES, length_group_labels
 from e4srec.outputs import preflight, staged_output
 from e4srec.storage import fetch
-from e4srec.tracking import Tracker, stage_run
+from e4srec.tracking import Tracker, tracked
 from e4srec.trained import LABELS, read_config
 
 STAGE = "report"
@@ -49,13 +50,13 @@ def _png(fig: Any, out: Path, name: str) -> str:
 
 
 def _table(rows: dict[str, dict[str, float]], splits: tuple[str, ...] = ("valid", "test")) -> str:
-    head = "".join(f"<th>{m}</th>" for m in METRICS)
+    head = "".join(f"<th>{m}</th>" for m in METRIC_NAMES)
     body = []
     for name, metrics in rows.items():
         cls = ' class="published"' if "paper" in name or "S3-Rec" in name else ""
         for split in splits:
             for protocol in PROTOCOLS:
-                keys = [f"{split}/{protocol}/{m}" for m in METRICS]
+                keys = [f"{split}/{protocol}/{m}" for m in METRIC_NAMES]
                 if not any(k in metrics for k in keys):
                     continue
                 cells = "".join(f"<td>{metrics[k]:.4f}</td>" if k in metrics else "<td>–</td>" for k in keys)
@@ -114,6 +115,12 @@ def _gate_table(verdict: dict) -> str:
             f"{int(verdict['users']):,} users</th></tr>{body}</table>")
 
 
+def check(data_dir: Path | str, sasrec_dir: Path | str, e4srec_dir: Path | str, output: Path | str,
+          overwrite: bool = False) -> None:
+    """Refuse, before any work, an output that is not free or that overlaps the inputs."""
+    preflight(output, overwrite, {"--data": data_dir, "--sasrec": sasrec_dir, "--e4srec": e4srec_dir})
+
+
 def run(data_dir: Path | str, sasrec_dir: Path | str, e4srec_dir: Path | str, output: Path | str, *,
         verdict_dir: Path | str | None = None, overwrite: bool = False, tracker: Tracker | None = None,
         title: str = "") -> dict[str, float]:
@@ -121,7 +128,7 @@ def run(data_dir: Path | str, sasrec_dir: Path | str, e4srec_dir: Path | str, ou
     from e4srec import plots
 
     tracker = tracker or Tracker(None)
-    preflight(output, overwrite, {"--data": data_dir, "--sasrec": sasrec_dir, "--e4srec": e4srec_dir})
+    check(data_dir, sasrec_dir, e4srec_dir, output, overwrite)
     sasrec_dir, e4srec_dir = Path(fetch(sasrec_dir)), Path(fetch(e4srec_dir))
     manifest_path = Path(fetch(data_dir)) / c.MANIFEST
     manifest = c.read_json_object(manifest_path, c.MANIFEST_FIELDS | {"input": dict, "n_interactions": int},
@@ -187,13 +194,4 @@ def run(data_dir: Path | str, sasrec_dir: Path | str, e4srec_dir: Path | str, ou
     return {"report/models": float(len(rows))}
 
 
-def run_tracked(data_dir: Path | str, sasrec_dir: Path | str, e4srec_dir: Path | str, output: Path | str, *,
-                verdict_dir: Path | str | None = None, overwrite: bool = False, tracking: bool = True,
-                experiment: str = "e4srec", pipeline_run_id: str = "", pipeline_run_name: str = "") -> dict[str, float]:
-    """`run` inside the stage's MLflow run (the page is logged under artifacts/report)."""
-    # before the MLflow run: a refused output leaves no FAILED run behind
-    preflight(output, overwrite, {"--data": data_dir, "--sasrec": sasrec_dir, "--e4srec": e4srec_dir})
-    with stage_run(STAGE, enabled=tracking, experiment=experiment, pipeline_run_id=pipeline_run_id,
-                   pipeline_run_name=pipeline_run_name) as tracker:
-        return run(data_dir, sasrec_dir, e4srec_dir, output, verdict_dir=verdict_dir, overwrite=overwrite,
-                   tracker=tracker, title=f"E4SRec run report: {pipeline_run_name}" if pipeline_run_name else "")
+run_tracked = tracked(STAGE, check)(run)

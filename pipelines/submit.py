@@ -1,7 +1,6 @@
 """Thin entry points on the pipeline factory: submit to Kubeflow, and rerun one stage from earlier outputs."""
 
 # No `from __future__ import annotations`: KFP reads the one-stage pipeline's real annotations.
-import dataclasses
 import inspect
 import tempfile
 from dataclasses import dataclass
@@ -11,7 +10,7 @@ from typing import Any
 import yaml
 from e4srec import contracts as c
 from e4srec.errors import E4SRecError
-from e4srec.settings import COMPONENT_NAMES, STAGES, check_pipeline_arguments
+from e4srec.settings import STAGES, check_pipeline_arguments, component_config
 from e4srec_pipelines.pipeline import PIPELINE_NAME, configure_for, create_pipeline, stage_components
 from e4srec_pipelines.profiles import load_profile
 from kfp import compiler, dsl
@@ -370,14 +369,8 @@ def convert(component: Any, settings: list[str]) -> dict[str, Any]:
 def check_stage_parameters(stage: str, params: dict[str, Any]) -> None:
     """Build the stage's config from the parameters a rerun would pass its component, so that a bad `--set`
     value is one line here rather than a failed task (the component builds the same config from them)."""
-    if stage not in STAGES:  # report: no settings beyond its inputs
-        return
-    config = STAGES[stage]
-    fields = {COMPONENT_NAMES.get((stage, f.name), f.name): f.name for f in dataclasses.fields(config)}
-    values = {fields[k]: v for k, v in params.items() if k in fields}
-    if stage == "instruction-tune":  # the component skips when told to, or when not told to tune
-        values["skip"] = bool(values.get("skip", False)) or not params.get("tune", True)
-    config(**values)
+    if stage in STAGES:  # report: no settings beyond its inputs
+        component_config(stage, params)
 
 
 def rerun_pipeline(stage: str, run: EarlierRun, settings: list[str], profile: str = "local",

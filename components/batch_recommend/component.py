@@ -20,10 +20,10 @@ def batch_recommend(
 ):
     """Top-k original item ids for every user of the dataset, as recommendations.parquet."""
     from e4srec.kfp_artifacts import write_metrics
-    from e4srec.settings import from_component
+    from e4srec.settings import component_config
     from e4srec.stages import batch_recommend as stage
 
-    config = from_component(stage.BatchRecommendConfig, locals())
+    config = component_config("batch-recommend", locals())
     values = stage.run_tracked(config, model.path, data.path, recommendations.path, tracking=tracking,
                                experiment=experiment)
     recommendations.metadata.update({"k": k, "users": int(values["batch/users"])})

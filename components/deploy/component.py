@@ -32,10 +32,10 @@ def deploy(
     off there is no registry: nothing is registered and the verdict is "hold".
     """
     from e4srec.kfp_artifacts import write_metrics
-    from e4srec.settings import from_component
+    from e4srec.settings import component_config
     from e4srec.stages import deploy as stage
 
-    config = from_component(stage.DeployConfig, locals())
+    config = component_config("deploy", locals())
     values = stage.run_tracked(config, model.path, sasrec.path, data.path, verdict.path, apply=False,
                                tracking=tracking, experiment=experiment, pipeline_run_name=pipeline_run_name)
     result = stage.read_verdict(verdict.path)

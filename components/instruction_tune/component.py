@@ -42,13 +42,13 @@ def instruction_tune(
     """LoRA SFT of the backbone on Alpaca data, or (skip, or not tune) the base passed through, as the
     `backbone` artifact. `tune` is the pipeline parameter's sense of the same switch."""
     from e4srec.kfp_artifacts import write_metrics
-    from e4srec.settings import from_component
+    from e4srec.settings import component_config
     from e4srec.stages import instruction_tune as stage
 
-    config = from_component(stage.InstructionTuneConfig, locals(), backbone=backbone_spec, skip=skip or not tune)
+    config = component_config("instruction-tune", locals())
     values = stage.run_tracked(config, instructions_uri or None, backbone.path, tracking=tracking,
                                experiment=experiment)
-    backbone.metadata.update({"backbone": backbone_spec, "skipped": skip or not tune, "quantization": quantization})
+    backbone.metadata.update({"backbone": backbone_spec, "skipped": config.skip, "quantization": quantization})
     write_metrics(metrics, values)
 
 

@@ -25,10 +25,10 @@ def prepare_data(
     """Ingest and validate raw interactions, split leave-one-out, sample 99 negatives per user."""
     from e4srec import contracts
     from e4srec.kfp_artifacts import write_metrics
-    from e4srec.settings import from_component
+    from e4srec.settings import component_config
     from e4srec.stages import prepare_data as stage
 
-    config = from_component(stage.PrepareDataConfig, locals())
+    config = component_config("prepare-data", locals())
     values = stage.run_tracked(config, input_uri, data.path, tracking=tracking, experiment=experiment)
     manifest = contracts.read_json(f"{data.path}/{contracts.MANIFEST}")
     data.metadata.update({k: manifest[k] for k in ("n_users", "n_items", "n_interactions", "item_map_sha256")})

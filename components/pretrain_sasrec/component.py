@@ -34,10 +34,10 @@ def pretrain_sasrec(
     """Train SASRec with early stopping; export weights, 64-d item embeddings and the item map."""
     from e4srec import contracts, sasrec
     from e4srec.kfp_artifacts import write_metrics
-    from e4srec.settings import from_component
+    from e4srec.settings import component_config
     from e4srec.stages import pretrain_sasrec as stage
 
-    config = from_component(stage.PretrainSasrecConfig, locals())
+    config = component_config("pretrain-sasrec", locals())
     values = stage.run_tracked(config, data.path, model.path, tracking=tracking, experiment=experiment,
                                progress=True)
     saved = contracts.read_json(f"{model.path}/{sasrec.CONFIG}")

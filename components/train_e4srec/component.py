@@ -52,10 +52,10 @@ def train_e4srec(
     from e4srec import contracts
     from e4srec.e4srec import CONFIG
     from e4srec.kfp_artifacts import write_metrics
-    from e4srec.settings import from_component
+    from e4srec.settings import component_config
     from e4srec.stages import train_e4srec as stage
 
-    config = from_component(stage.TrainE4SRecConfig, locals())
+    config = component_config("train-e4srec", locals())
     run = stage.run_tracked if nproc_per_node <= 1 else stage.run_distributed
     extra = {} if nproc_per_node <= 1 else {"nproc": nproc_per_node}
     values = run(config, data.path, sasrec.path, llm.path, model.path, tracking=tracking, experiment=experiment, **extra)

@@ -50,6 +50,7 @@ from e4srec.backbones import BackboneOptions, fingerprint, load_backbone
 from e4srec.errors import E4SRecError
 from e4srec.llm import LLM_FIELDS, apply_adapter
 from e4srec.sasrec import EMBEDDINGS, load_item_embeddings, save_item_embeddings
+from e4srec.storage import fetch
 
 
 def left_pad_layout(mask: torch.Tensor) -> torch.Tensor:
@@ -331,8 +332,6 @@ def load_model(model_dir: Path | str, device: torch.device | str = "cpu", dtype:
     architecture must match the recorded fingerprint. `meta`: the folder's config.json when the
     caller has read it already.
     """
-    from e4srec.storage import fetch
-
     model_dir = Path(fetch(model_dir))
     try:
         return _load_model(model_dir, torch.device(device), dtype, backbone, meta)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -105,15 +104,14 @@ def encode(examples: list[Example], tokenizer: Any, max_length: int) -> Encoded:
     return Encoded(ids, labels, truncated, dropped)
 
 
-def batches(encoded: Encoded, tokenizer: Any, order: list[np.ndarray]) -> Iterator[dict[str, torch.Tensor]]:
-    """The examples of each index array in `order` as one right-padded batch (transformers'
-    DataCollatorForSeq2Seq): input_ids, attention_mask, and labels with IGNORE on the padding."""
+def collate(encoded: Encoded, tokenizer: Any, rows: np.ndarray) -> dict[str, torch.Tensor]:
+    """The examples `rows` as one right-padded batch (transformers' DataCollatorForSeq2Seq): input_ids,
+    attention_mask, and labels with IGNORE on the padding. The collator pads on the tokenizer's side."""
     from transformers import DataCollatorForSeq2Seq
 
     side, tokenizer.padding_side = tokenizer.padding_side, "right"
     try:
-        collate = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE, return_tensors="pt")
-        for rows in order:
-            yield collate([{"input_ids": encoded.input_ids[r], "labels": encoded.labels[r]} for r in rows])
+        return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE, return_tensors="pt")(
+            [{"input_ids": encoded.input_ids[r], "labels": encoded.labels[r]} for r in rows])
     finally:
         tokenizer.padding_side = side

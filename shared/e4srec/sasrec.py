@@ -38,7 +38,7 @@ from torch import nn
 
 from e4srec import contracts as c
 from e4srec.errors import E4SRecError
-from e4srec.settings import SASREC_ARCHITECTURES
+from e4srec.settings import SASREC_ARCHITECTURES as ARCHITECTURES
 
 
 class CausalSelfAttention(nn.Module):
@@ -107,7 +107,6 @@ class PostNormBlock(nn.Module):
         return self.ffn_norm(x + self.ffn(x)) * keep  # padding positions stay zero
 
 
-ARCHITECTURES = SASREC_ARCHITECTURES
 
 
 @dataclass

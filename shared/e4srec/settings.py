@@ -372,7 +372,13 @@ def check_pipeline_arguments(arguments: dict[str, Any]) -> None:
         config(**fields)
 
 
-def from_component(config: type, values: dict[str, Any], **fields: Any) -> Any:
-    """The stage config from a component's parameters (its `locals()`): each field from the parameter of
-    its name; `fields` give the ones named otherwise."""
-    return config(**{f.name: values[f.name] for f in dataclasses.fields(config) if f.name not in fields} | fields)
+def component_config(stage: str, params: dict[str, Any]) -> Any:
+    """The stage's config from its component's parameters: the component's `locals()`, or the parameters a
+    rerun passes it (missing ones take the field defaults). Fields are read under their component names
+    (COMPONENT_NAMES); instruction-tune's `tune` is the pipeline's sense of `not skip`."""
+    config = STAGES[stage]
+    names = {f.name: COMPONENT_NAMES.get((stage, f.name), f.name) for f in dataclasses.fields(config)}
+    values = {field: params[name] for field, name in names.items() if name in params}
+    if "tune" in params:
+        values["skip"] = bool(values.get("skip", False)) or not params["tune"]
+    return config(**values)

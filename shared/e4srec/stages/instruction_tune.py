@@ -48,9 +48,8 @@ def heldout_loss(model: Any, encoded: ins.Encoded, tokenizer: Any, batch_size: i
     total, count = 0.0, 0
     n = len(encoded.input_ids)
     order = [np.arange(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
-    for batch in progress_bar(ins.batches(encoded, tokenizer, order), desc="held-out loss", unit="batch",
-                              disable=not progress, leave=False, total=len(order)):
-        batch = {k: v.to(device) for k, v in batch.items()}
+    for rows in progress_bar(order, desc="held-out loss", unit="batch", disable=not progress, leave=False):
+        batch = {k: v.to(device) for k, v in ins.collate(encoded, tokenizer, rows).items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
         shift_logits, shift_labels = logits[:, :-1], batch["labels"][:, 1:]  # token t predicts t+1
         loss = torch.nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]),
@@ -121,7 +120,8 @@ def train(config: InstructionTuneConfig, backbone: Backbone, train_set: ins.Enco
     bar = progress_bar(range(total), desc=STAGE, unit="step", disable=not progress, mininterval=5)
     batches = [order for _ in range(config.epochs) for order in np.array_split(
         rng.permutation(len(train_set.input_ids)), micro)]
-    for i, batch in enumerate(ins.batches(train_set, backbone.tokenizer, batches)):
+    for i, rows in enumerate(batches):
+        batch = ins.collate(train_set, backbone.tokenizer, rows)
         with autocast:
             loss = model(**{k: v.to(device) for k, v in batch.items()}).loss / config.grad_accum
         loss.backward()

@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sasrec-ce", type=Path, help="a CE pretrain-sasrec output, for its row in the table")
     parser.add_argument("--sasrec-bce", type=Path, help="a BCE pretrain-sasrec output, for its row (default: --sasrec "
                                                          "when that is BCE)")
-    parser.add_argument("--llm", default="smollm2-135m", help="backbone spec or instruction-tune output")
+    parser.add_argument("--backbone", default="smollm2-135m", help="backbone spec or instruction-tune output")
     parser.add_argument("--output", type=Path, required=True, help="the stage's output folder")
     parser.add_argument("--json", type=Path, required=True, help="where the result goes")
     cfg.add_arguments(parser, stage.TrainE4SRecConfig)
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         sessions.append({"start": time.time(), "end": None, "command": command(), "commit": commit()})
         sessions_file.parent.mkdir(parents=True, exist_ok=True)
         sessions_file.write_text(json.dumps(sessions, indent=1) + "\n")
-        stage.run(config, args.data, args.sasrec, args.llm, args.output, progress=True)
+        stage.run(config, args.data, args.sasrec, args.backbone, args.output, progress=True)
         sessions[-1]["end"] = time.time()
         sessions_file.write_text(json.dumps(sessions, indent=1) + "\n")
 

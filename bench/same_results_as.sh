@@ -24,6 +24,7 @@ for side in then now; do
   run pretrain-sasrec --data "$out/data" --output "$out/sasrec" --epochs 3
   run instruction-tune --instructions "$ROOT/data/instructions.json" --backbone tiny --max-examples 32 --holdout 8 \
       --generations 1 --max-new-tokens 4 --output "$out/llm"
+  # --llm: the older name of --backbone, which revisions before and after the rename both take
   run train-e4srec --data "$out/data" --sasrec "$out/sasrec" --llm "$out/llm" --output "$out/e4srec" \
       --max-examples 256 --batch-size 32 --eval-users 100 --dtype fp32
   "$PY" -m e4srec.cli recommend --model "$out/e4srec" --history 1 2 3 --k 5 > "$out/recommend.json" 2>> "$WORK/$side.log"

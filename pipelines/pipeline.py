@@ -128,7 +128,7 @@ def create_pipeline(profile: str | Path | Profile = "cluster", *, name: str = PI
         configure(sasrec, "pretrain-sasrec")
         tuning = dict(instructions_uri=p["instructions_uri"], **settings("instruction-tune"))
         # the pass-through: the backbone's own fields only (the tuning settings would change its cache key)
-        llm_args = {k: tuning[k] for k in ("backbone_spec", "dtype", "quantization", "seed", "device", *track)}
+        pass_through = {k: tuning[k] for k in ("backbone_spec", "dtype", "quantization", "seed", "device", *track)}
         # The backbone travels as an artifact like every other output: the launcher downloads it for train-e4srec.
         if profile.instruction_tune_branches:
             with dsl.If(p["instruction_tune_backbone"] == True):  # noqa: E712 (a KFP condition, not a Python test)
@@ -138,19 +138,19 @@ def create_pipeline(profile: str | Path | Profile = "cluster", *, name: str = PI
                 # its own component name, so that its task (and its artifacts' path) is instruction-tune-skipped
                 # rather than the compiler's instruction-tune-2
                 base = parts["instruction-tune (skipped)"](instructions_uri=p["instructions_uri"], skip=True,
-                                                           **llm_args)
+                                                           **pass_through)
                 configure(base, "instruction-tune (skipped)")  # no GPU for a pass-through
-            llm = dsl.OneOf(tuned.outputs["backbone"], base.outputs["backbone"])
+            backbone = dsl.OneOf(tuned.outputs["backbone"], base.outputs["backbone"])
         else:  # one task (see Profile.instruction_tune_branches)
             single = instruction_tune(tune=p["instruction_tune_backbone"], **tuning)
             configure(single, "instruction-tune")
-            llm = single.outputs["backbone"]
+            backbone = single.outputs["backbone"]
         # On a cluster, checkpoints on a PVC: a retried pod of the same run resumes where the lost one stopped
         # ({run_id} is filled in from the pod's run-id label, so the task's inputs stay the same every run).
         resume = (dict(checkpoint_every=int(profile.checkpoints.get("every", 500)), resume=True,
                        checkpoint_dir=f"{profile.checkpoints['mount_path'].rstrip('/')}/{{run_id}}/train-e4srec")
                   if profile.checkpoints else {})
-        e4srec = train_e4srec(data=data.outputs["data"], sasrec=sasrec.outputs["model"], llm=llm, **resume,
+        e4srec = train_e4srec(data=data.outputs["data"], sasrec=sasrec.outputs["model"], backbone=backbone, **resume,
                               **settings("train-e4srec"))
         configure(e4srec, "train-e4srec")
         if profile.checkpoints:
@@ -174,7 +174,7 @@ def create_pipeline(profile: str | Path | Profile = "cluster", *, name: str = PI
         with dsl.If(p["batch_recommend_k"] > 0):
             configure(batch_recommend(model=e4srec.outputs["model"], data=data.outputs["data"],
                                       k=p["batch_recommend_k"], **settings("batch-recommend")), "batch-recommend")
-        return Outputs(data=data.outputs["data"], sasrec=sasrec.outputs["model"], backbone=llm,
+        return Outputs(data=data.outputs["data"], sasrec=sasrec.outputs["model"], backbone=backbone,
                        e4srec=e4srec.outputs["model"])
 
     e4srec_pipeline.__signature__ = inspect.Signature(

@@ -208,7 +208,7 @@ RERUN_INPUTS: dict[str, dict[str, tuple[str, str, type]]] = {
     "pretrain-sasrec": {"data": ("prepare-data", "data", dsl.Dataset)},
     "instruction-tune": {},
     "train-e4srec": {"data": ("prepare-data", "data", dsl.Dataset), "sasrec": ("pretrain-sasrec", "model", dsl.Model),
-                     "llm": ("instruction-tune*", "backbone", dsl.Model)},
+                     "backbone": ("instruction-tune*", "backbone", dsl.Model)},
     "deploy": {"model": ("train-e4srec", "model", dsl.Model), "sasrec": ("pretrain-sasrec", "model", dsl.Model),
                "data": ("prepare-data", "data", dsl.Dataset)},
     "batch-recommend": {"model": ("train-e4srec", "model", dsl.Model), "data": ("prepare-data", "data", dsl.Dataset)},

@@ -157,13 +157,13 @@ def sasrec(data: Callable[[Work], Path], *extra: str) -> Callable[[Work], tuple[
 
 
 def train(*extra: str, data: Callable[[Work], Path] | None = None, table: Callable[[Work], Path] | None = None,
-          llm: str | Callable[[Work], Path] = "tiny") -> Callable[[Work], tuple[list, Path, list[Path]]]:
+          backbone: str | Callable[[Work], Path] = "tiny") -> Callable[[Work], tuple[list, Path, list[Path]]]:
     def build(w: Work) -> tuple[list, Path, list[Path]]:
         d = data(w) if data else w.data
         s = table(w) if table else w.sasrec
-        m = llm(w) if callable(llm) else llm
+        m = backbone(w) if callable(backbone) else backbone
         out = w.tmp / "out"
-        argv = ["train-e4srec", "--data", d, "--sasrec", s, "--llm", m, "--output", out, "--max-examples", "8",
+        argv = ["train-e4srec", "--data", d, "--sasrec", s, "--backbone", m, "--output", out, "--max-examples", "8",
                 "--eval-users", "5", "--device", "cpu", N, *[a.format(tmp=w.tmp, data=d) for a in extra]]
         return argv, out, [d, s] + ([m] if isinstance(m, Path) else [])
 
@@ -514,18 +514,18 @@ CASES: list[Case] = [
     ("train-eval-batch-0", train("--eval-batch-size", "0"), ["eval_batch_size=0"]),
     ("train-max-examples-negative", train("--max-examples", "-1"), ["max_examples=-1"]),
     ("train-checkpoint-every-negative", train("--checkpoint-every", "-1"), ["checkpoint_every=-1"]),
-    ("train-llm-missing-folder", train(llm="/no/such/folder"), ["/no/such/folder"]),
-    ("train-llm-unknown-name", train(llm="gpt-17"), ["gpt-17"]),
+    ("train-backbone-missing-folder", train(backbone="/no/such/folder"), ["/no/such/folder"]),
+    ("train-backbone-unknown-name", train(backbone="gpt-17"), ["gpt-17"]),
     ("train-data-other-item-map", train(data=lambda w: w.other_data), ["item-map hash"]),
-    ("train-llm-descriptor-not-json", train(llm=lambda w: llm_folder(w, "{")), ["backbone.json", "invalid JSON"]),
-    ("train-llm-descriptor-wrong-type", train(llm=lambda w: llm_folder(w, local_files_only="yes")),
+    ("train-backbone-descriptor-not-json", train(backbone=lambda w: backbone_folder(w, "{")), ["backbone.json", "invalid JSON"]),
+    ("train-backbone-descriptor-wrong-type", train(backbone=lambda w: backbone_folder(w, local_files_only="yes")),
      ["backbone.json", "'local_files_only' is 'yes', expected bool"]),
-    ("train-llm-descriptor-no-backbone", train(llm=lambda w: llm_folder(w, backbone=None)),
+    ("train-backbone-descriptor-no-backbone", train(backbone=lambda w: backbone_folder(w, backbone=None)),
      ["backbone.json", "missing field 'backbone'"]),
-    ("train-llm-adapter-missing", train(llm=lambda w: llm_folder(w, adapter="adapter")),
+    ("train-backbone-adapter-missing", train(backbone=lambda w: backbone_folder(w, adapter="adapter")),
      ["backbone.json", "field 'adapter'", "not a folder"]),
-    ("train-llm-unknown-quantization", train(llm=lambda w: llm_folder(w, quantization="int3")), ["int3"]),
-    ("train-backbone-cache-damaged", train(llm=lambda w: damaged_tiny_cache(w)),
+    ("train-backbone-unknown-quantization", train(backbone=lambda w: backbone_folder(w, quantization="int3")), ["int3"]),
+    ("train-backbone-cache-damaged", train(backbone=lambda w: damaged_tiny_cache(w)),
      ["cached copy", "looks damaged", "delete that folder"]),
     ("train-run-id-unset", train("--checkpoint-every", "1", "--checkpoint-dir", "{tmp}/ck-{{run_id}}"),
      ["E4SREC_PIPELINE_RUN_ID"]),
@@ -661,9 +661,9 @@ CASES: list[Case] = [
     ("eval-config-other-stage", evaluate(lambda w: edited_json(w, w.sasrec, "config.json",
                                                                lambda m: m.update(stage="prepare-data"))),
      ["config.json", "'prepare-data'", "pretrain-sasrec"]),
-    ("recommend-e4srec-config-llm-string", recommend("--history", "1", model=lambda w: edited_json(
-        w, w.e4srec, "config.json", lambda m: m.update(llm="smollm2"))),
-     ["config.json", "field 'llm'", "expected dict"]),
+    ("recommend-e4srec-config-backbone-string", recommend("--history", "1", model=lambda w: edited_json(
+        w, w.e4srec, "config.json", lambda m: m.update(backbone="smollm2"))),
+     ["config.json", "field 'backbone'", "expected dict"]),
     ("batch-e4srec-config-hash-number", batch(model=lambda w: edited_json(w, w.e4srec, "config.json",
                                                                           lambda m: m.update(item_map_sha256=7))),
      ["config.json", "field 'item_map_sha256'"]),
@@ -725,9 +725,9 @@ def every_item_data(w: Work) -> Path:
     return out
 
 
-def llm_folder(w: Work, raw: str | None = None, **fields: object) -> Path:
+def backbone_folder(w: Work, raw: str | None = None, **fields: object) -> Path:
     """An instruction-tune output (tiny backbone, passed through) with its backbone.json changed."""
-    folder = w.tmp / "llm"
+    folder = w.tmp / "backbone"
     folder.mkdir()
     descriptor = {"stage": "instruction-tune", "backbone": "tiny", "dtype": "auto", "quantization": "none",
                   "local_files_only": True, "fingerprint": None, "skipped": True, "adapter": None, "merged": None}

@@ -27,7 +27,7 @@ from helpers import e4srec
         ("batch-recommend", ["--model", "--data", "--k"]),
         ("extend-items", ["--model", "--new-items"]),
         ("instruction-tune", ["--instructions", "--backbone", "--quantization", "--skip", "--merge"]),
-        ("train-e4srec", ["--data", "--sasrec", "--llm", "--checkpoint-every", "--resume", "--prefix-cache"]),
+        ("train-e4srec", ["--data", "--sasrec", "--backbone", "--checkpoint-every", "--resume", "--prefix-cache"]),
     ],
 )
 def test_help(command: str, flags: list[str]) -> None:
@@ -36,6 +36,15 @@ def test_help(command: str, flags: list[str]) -> None:
     for flag in flags:
         assert flag in result.stdout
     assert "--no-no-" not in result.stdout
+
+
+def test_train_e4srec_still_takes_the_llm_flag() -> None:
+    """--llm, the flag's name in the previous release, reaches the same setting as --backbone."""
+    from e4srec.cli import build_parser
+
+    argv = ["train-e4srec", "--data", "d", "--sasrec", "s", "--output", "o"]
+    assert build_parser().parse_args(argv + ["--llm", "tiny"]).backbone == "tiny"
+    assert build_parser().parse_args(argv + ["--backbone", "tiny"]).backbone == "tiny"
 
 
 def test_help_imports_neither_torch_nor_kfp() -> None:

@@ -22,7 +22,7 @@ COMPONENTS = {
     "prepare-data": (prepare_data, {"input_uri", "data", "metrics"}),
     "pretrain-sasrec": (pretrain_sasrec, {"data", "model", "metrics"}),
     "instruction-tune": (instruction_tune, {"instructions_uri", "backbone", "metrics"}),
-    "train-e4srec": (train_e4srec, {"data", "sasrec", "llm", "model", "metrics"}),
+    "train-e4srec": (train_e4srec, {"data", "sasrec", "backbone", "model", "metrics"}),
     "deploy": (deploy, {"model", "sasrec", "data", "verdict", "metrics"}),
     "batch-recommend": (batch_recommend, {"model", "data", "recommendations", "metrics"}),
 }

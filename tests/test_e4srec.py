@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -120,7 +121,7 @@ def test_stage_end_to_end_on_a_beauty_slice(prepared: Path, sasrec_dir: Path, tm
     out = tmp_path / "e4srec"
     assert metrics["train/loss_last"] < metrics["train/loss_first"]
     assert {"test/full/HR@10", "valid/sampled/NDCG@10", "eval/users_per_second"} <= set(metrics)
-    assert c.read_json(out / e4srec_model.CONFIG)["llm"]["backbone"] == "tiny"
+    assert c.read_json(out / e4srec_model.CONFIG)["backbone"]["backbone"] == "tiny"
     data = c.load_sequence_data(prepared)
     reloaded = e4srec_model.load_model(out)
     hist = torch.as_tensor(data.split("test")[0][:8, -10:])
@@ -130,6 +131,13 @@ def test_stage_end_to_end_on_a_beauty_slice(prepared: Path, sasrec_dir: Path, tm
     result = evaluate(lambda h: reloaded.score_all_items(h, cache), data, "test", progress=False)
     assert result.metrics()["test/full/NDCG@10"] == pytest.approx(metrics["test/full/NDCG@10"], abs=1e-9)
     assert torch.isfinite(first[:, 1:]).all()
+    # a model folder from the release whose config.json named the backbone section `llm` loads the same
+    older = tmp_path / "older"
+    shutil.copytree(out, older)
+    meta = c.read_json(older / e4srec_model.CONFIG)
+    meta["llm"] = meta.pop("backbone")
+    c.write_json(older / e4srec_model.CONFIG, meta)
+    torch.testing.assert_close(e4srec_model.load_model(older).score_all_items(hist), reloaded.score_all_items(hist))
     # what recommend, batch-recommend and serving score with: the adapter merged into the backbone and the
     # histories packed, no padding; in fp32 the scores of the model as trained (in bf16, to bf16's precision)
     from e4srec.recommend import Recommender

@@ -16,8 +16,8 @@ from helpers import e4srec, free_port
 
 
 def common(prepared: Path, sasrec_dir: Path, *extra: str) -> list[str]:
-    return ["train-e4srec", "--data", str(prepared), "--sasrec", str(sasrec_dir), "--llm", "tiny", "--device", "cpu",
-            "--threads", "1", "--no-tracking", *extra]
+    return ["train-e4srec", "--data", str(prepared), "--sasrec", str(sasrec_dir), "--backbone", "tiny",
+            "--device", "cpu", "--threads", "1", "--no-tracking", *extra]
 
 
 def test_a_killed_run_resumes_to_the_unbroken_result(prepared: Path, sasrec_dir: Path, tmp_path: Path) -> None:

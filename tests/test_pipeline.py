@@ -41,7 +41,7 @@ def test_compiled_pipeline_shape() -> None:
     reports = {name: t for c in spec["components"].values() for name, t in c.get("dag", {}).get("tasks", {}).items()
                if t["componentRef"]["name"].startswith("comp-report")}
     assert sorted(t.get("dependentTasks", []) for t in reports.values()) == [[], ["promote-champion"]]
-    assert spec["components"]["comp-train-e4srec"]["inputDefinitions"]["artifacts"]["llm"]
+    assert spec["components"]["comp-train-e4srec"]["inputDefinitions"]["artifacts"]["backbone"]
     import tomllib
 
     version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
@@ -87,7 +87,7 @@ def test_local_run_of_the_pipeline(tmp_path: Path, beauty_slice: Path, monkeypat
     page = (run_dir / "report" / "report" / "report.html").read_text()
     assert f"<h1>E4SRec run report: {parent['tags.kfp.run_name']}</h1>" in page  # titled with the pipeline run
     trained = c.read_json(run_dir / "train-e4srec" / "model" / "config.json")
-    assert trained["llm"]["backbone"] == "tiny" and trained["instruct_adapter"] == "instruct_adapter"
+    assert trained["backbone"]["backbone"] == "tiny" and trained["instruct_adapter"] == "instruct_adapter"
     assert "E4SRec        test   full" in result.stdout
     assert set(children["status"]) == {"FINISHED"} and parent["status"] == "FINISHED"
     sasrec = children[children["tags.e4srec.stage"] == "pretrain-sasrec"].iloc[0]

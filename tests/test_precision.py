@@ -44,7 +44,7 @@ def bf16_model(prepared: Path, sasrec_dir: Path, tmp_path_factory: pytest.TempPa
 def test_bf16_trains_and_evaluates(bf16_model: tuple[Path, dict]) -> None:
     out, metrics = bf16_model
     saved = c.read_json(out / e4srec_model.CONFIG)
-    assert saved["llm"]["dtype"] == "bf16" and saved["trained_dtype"] == "bf16"
+    assert saved["backbone"]["dtype"] == "bf16" and saved["trained_dtype"] == "bf16"
     assert metrics["train/loss_last"] < metrics["train/loss_first"]
     ranked = {k: v for k, v in metrics.items() if k.startswith(("valid/", "test/"))}
     assert ranked and all(np.isfinite(v) and 0 <= v <= 1 for v in ranked.values())
@@ -156,7 +156,7 @@ def test_nan_scores_are_never_recommended(bf16_model: tuple[Path, dict]) -> None
 
 
 def test_a_diverging_loss_stops_training_with_one_line(prepared: Path, sasrec_dir: Path, tmp_path: Path) -> None:
-    result = e4srec("train-e4srec", "--data", prepared, "--sasrec", sasrec_dir, "--llm", "tiny", "--device", "cpu",
+    result = e4srec("train-e4srec", "--data", prepared, "--sasrec", sasrec_dir, "--backbone", "tiny", "--device", "cpu",
                     "--dtype", "fp32", "--lr", "1e30", "--max-examples", "256", "--batch-size", "16", "--no-tracking",
                     "--output", tmp_path / "out")
     assert result.returncode == 1

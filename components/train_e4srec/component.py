@@ -9,7 +9,7 @@ from kfp.dsl import Dataset, Input, Metrics, Model, Output
 def train_e4srec(
     data: Input[Dataset],
     sasrec: Input[Model],
-    llm: Input[Model],
+    backbone: Input[Model],
     model: Output[Model],
     metrics: Output[Metrics],
     instruction: str = "Given the user's purchase history, predict next possible item to be purchased.",
@@ -58,9 +58,10 @@ def train_e4srec(
     config = component_config("train-e4srec", locals())
     run = stage.run_tracked if nproc_per_node <= 1 else stage.run_distributed
     extra = {} if nproc_per_node <= 1 else {"nproc": nproc_per_node}
-    values = run(config, data.path, sasrec.path, llm.path, model.path, tracking=tracking, experiment=experiment, **extra)
+    values = run(config, data.path, sasrec.path, backbone.path, model.path, tracking=tracking, experiment=experiment,
+                 **extra)
     saved = contracts.read_json(f"{model.path}/{CONFIG}")
-    model.metadata.update({"item_map_sha256": saved["item_map_sha256"], "backbone": saved["llm"]["backbone"],
+    model.metadata.update({"item_map_sha256": saved["item_map_sha256"], "backbone": saved["backbone"]["backbone"],
                            "kind": "e4srec", "framework": "pytorch+peft"})
     write_metrics(metrics, values)
 

@@ -80,20 +80,26 @@ MANIFEST_FIELDS = {"format_version": int, "n_users": int, "n_items": int, "max_l
 # config.json of a model folder, by the stage that wrote it (pretrain-sasrec, train-e4srec).
 MODEL_CONFIG_FIELDS: dict[str, dict[str, type | tuple[type, ...]]] = {
     "pretrain-sasrec": {"stage": str, "model": dict, "train": dict, "item_map_sha256": str},
-    "train-e4srec": {"stage": str, "model": dict, "train": dict, "llm": dict, "prompt": dict, "item_map_sha256": str,
-                     "instruct_adapter": (str, type(None))},
+    "train-e4srec": {"stage": str, "model": dict, "train": dict, "backbone": dict, "prompt": dict,
+                     "item_map_sha256": str, "instruct_adapter": (str, type(None))},
 }
+# Fields model folders written by an earlier release hold under another name: {stage: {old: current}}.
+RENAMED_FIELDS = {"train-e4srec": {"llm": "backbone"}}
 RUN_RECORD_FIELDS = {"run_id": str, "parameters": dict}  # pipeline_run.json, beside a local run's outputs
 
 
 def read_model_config(path: Path | str, stage: str | tuple[str, ...]) -> dict[str, Any]:
-    """A model folder's config.json, written by `stage` (or one of them), with that stage's fields typed."""
+    """A model folder's config.json, written by `stage` (or one of them), with that stage's fields typed.
+    A field under an older name (RENAMED_FIELDS) is returned under its current one."""
     stages = (stage,) if isinstance(stage, str) else stage
     fix = f"pass a {' or '.join(stages)} output folder"
     meta = read_json_object(path, {"stage": str}, fix)
     if meta["stage"] not in stages:
         raise E4SRecError(f"{path}: written by {meta['stage']!r}, not {' or '.join(stages)}; {fix}")
-    return read_json_object(path, MODEL_CONFIG_FIELDS[meta["stage"]], f"re-run {meta['stage']} or {fix}")
+    for old, new in RENAMED_FIELDS.get(meta["stage"], {}).items():
+        if old in meta and new not in meta:
+            meta[new] = meta.pop(old)
+    return check_fields(path, meta, MODEL_CONFIG_FIELDS[meta["stage"]], f"re-run {meta['stage']} or {fix}")
 
 
 def read_json_list(path: Path | str, fix: str) -> list[Any]:
@@ -107,7 +113,11 @@ def read_json_list(path: Path | str, fix: str) -> list[Any]:
 def read_json_object(path: Path | str, fields: dict[str, type | tuple[type, ...]], fix: str) -> dict[str, Any]:
     """Read a JSON object whose `fields` must be present with these types; any defect is one line
     naming the file and the field."""
-    obj = read_json(path)
+    return check_fields(path, read_json(path), fields, fix)
+
+
+def check_fields(path: Path | str, obj: Any, fields: dict[str, type | tuple[type, ...]], fix: str) -> dict[str, Any]:
+    """`obj` (read from `path`) as a JSON object with `fields` present and of these types, or a one-line error."""
     if not isinstance(obj, dict):
         raise E4SRecError(f"{path}: expected a JSON object, found {type(obj).__name__}; {fix}")
     for key, tp in fields.items():

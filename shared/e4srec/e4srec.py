@@ -299,11 +299,12 @@ def backbone_dtype(model: E4SRec) -> torch.dtype:
     return model.llm.get_input_embeddings().weight.dtype
 
 
-def save_model(out: Path, model: E4SRec, llm: dict[str, Any], item_map: Path, item_map_sha256: str,
+def save_model(out: Path, model: E4SRec, backbone: dict[str, Any], item_map: Path, item_map_sha256: str,
                record: dict[str, Any], instruct_adapter: Path | None = None) -> None:
     """Write the self-contained model folder: trained weights, item table and map, and config.json.
 
-    `llm`: the backbone's fields (LLM_FIELDS); `record`: what else config.json keeps (training settings).
+    `backbone`: the backbone's fields (LLM_FIELDS: config.json's `backbone` section); `record`: what else
+    config.json keeps (training settings).
     """
     model.llm.save_pretrained(str(out / ADAPTER))
     save_file({"proj.weight": model.proj.weight.detach().float().cpu().contiguous(),
@@ -313,9 +314,9 @@ def save_model(out: Path, model: E4SRec, llm: dict[str, Any], item_map: Path, it
     shutil.copyfile(item_map, out / c.ITEM_MAP)
     if instruct_adapter is not None:
         shutil.copytree(instruct_adapter, out / INSTRUCT_ADAPTER)
-    recorded = {k: llm[k] for k in LLM_FIELDS} | {"fingerprint": fingerprint(model.llm.get_base_model().config)}
+    recorded = {k: backbone[k] for k in LLM_FIELDS} | {"fingerprint": fingerprint(model.llm.get_base_model().config)}
     c.write_json(out / CONFIG, {
-        "stage": WRITER, "model": model.config.to_dict(), "llm": recorded, "prompt": model.prompt,
+        "stage": WRITER, "model": model.config.to_dict(), "backbone": recorded, "prompt": model.prompt,
         "instruct_adapter": INSTRUCT_ADAPTER if instruct_adapter is not None else None,
         "item_map_sha256": item_map_sha256, **record,
         "trained_dtype": DTYPE_NAMES[str(backbone_dtype(model))],  # what `auto` meant on the training machine
@@ -345,17 +346,18 @@ def _load_model(model_dir: Path, device: torch.device, dtype: str | None, backbo
     from peft import set_peft_model_state_dict
 
     meta = meta or c.read_model_config(model_dir / CONFIG, WRITER)
-    options = {k: meta["llm"][k] for k in LLM_FIELDS}
+    options = {k: meta["backbone"][k] for k in LLM_FIELDS}
     overrides = ({"dtype": dtype} if dtype else {}) | ({"backbone": backbone} if backbone else {})
     loaded = load_backbone(BackboneOptions(**(options | overrides)), device)
     if backbone:  # another copy of the recorded backbone: it must be the same architecture, and keeps its name
-        recorded = meta["llm"].get("fingerprint")
+        recorded = meta["backbone"].get("fingerprint")
         if recorded and loaded.fingerprint != recorded:
             raise E4SRecError(f"{model_dir / CONFIG}: backbone {backbone} has architecture {loaded.fingerprint}, "
                               f"the model was trained on {recorded}; serve it with the backbone it was trained on")
         loaded = dataclasses.replace(loaded, spec=options["backbone"])
     if meta.get("instruct_adapter"):
-        loaded = apply_adapter(loaded, model_dir / meta["instruct_adapter"], merge=meta["llm"]["quantization"] == "none")
+        loaded = apply_adapter(loaded, model_dir / meta["instruct_adapter"],
+                               merge=meta["backbone"]["quantization"] == "none")
     table = load_item_embeddings(model_dir, meta["item_map_sha256"])
     model = E4SRec(E4SRecConfig(**meta["model"]), loaded.model.get_decoder(), loaded.tokenizer, table,
                    meta["prompt"]["prefix"], meta["prompt"]["response_prefix"])

@@ -153,7 +153,7 @@ def log_and_register(model_dir: Path, name: str, example_history: list[str], tag
 
     kind, meta = trained.read_config(model_dir)
     with tempfile.TemporaryDirectory() as scratch:
-        artifacts = {"model": str(model_dir)} | (_backbone(meta["llm"], Path(scratch)) if kind == "e4srec" else {})
+        artifacts = {"model": str(model_dir)} | (_backbone(meta["backbone"], Path(scratch)) if kind == "e4srec" else {})
         info = mlflow.pyfunc.log_model(
             name=f"model-{kind}", python_model=str(PYFUNC_CODE), artifacts=artifacts,
             code_paths=[str(Path(e4srec.__file__).parent)], signature=signature(),

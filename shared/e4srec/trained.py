@@ -60,7 +60,7 @@ def load(folder: Path | str, device: torch.device | str = "cpu", dtype: str | No
         from e4srec.e4srec import load_model
 
         model = load_model(folder, device, dtype, backbone=backbone, meta=meta)
-        if merge_adapter and meta["llm"].get("quantization", "none") == "none":
+        if merge_adapter and meta["backbone"].get("quantization", "none") == "none":
             model.llm.merge_adapter()
         cache = model.prefix_cache()  # after any merge: the instruction's keys and values pass the adapter
         max_len = model.config.max_len

@@ -32,8 +32,8 @@ def test_component_runs_in_a_one_stage_kfp_local_pipeline(prepared: Path, sasrec
     def rerun() -> dsl.Model:
         data = dsl.importer(artifact_uri=str(prepared), artifact_class=dsl.Dataset)
         sasrec = dsl.importer(artifact_uri=str(sasrec_dir), artifact_class=dsl.Model)
-        llm = dsl.importer(artifact_uri=str(backbone), artifact_class=dsl.Model)
-        return train(data=data.output, sasrec=sasrec.output, llm=llm.output, max_examples=32, eval_users=20,
+        tuned = dsl.importer(artifact_uri=str(backbone), artifact_class=dsl.Model)
+        return train(data=data.output, sasrec=sasrec.output, backbone=tuned.output, max_examples=32, eval_users=20,
                      device="cpu", tracking=False).outputs["model"]
 
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "root"))

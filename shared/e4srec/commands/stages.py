@@ -24,6 +24,7 @@ class Input:
     help: str
     required: bool = True
     keyword: str = ""  # passed to run_tracked as this keyword, not by position
+    aliases: tuple[str, ...] = ()  # older spellings of the flag, still accepted
 
 
 @dataclass(frozen=True)
@@ -93,8 +94,8 @@ STAGES = (
           "Frozen LLM + SASRec item embeddings through Linear(64 -> hidden), LoRA, and a Linear(hidden -> N+1) "
           "item head trained with cross-entropy over all items. Under torchrun it trains data-parallel.",
           (DATA, Input("--sasrec", "pretrain-sasrec output folder"),
-           Input("--llm", "instruction-tune output folder, or a backbone spec (smollm2-135m, tiny, gguf:PATH, "
-                          "hf:FOLDER_OR_ID)")), _table("E4SRec")),
+           Input("--backbone", "instruction-tune output folder, or a backbone spec (smollm2-135m, tiny, "
+                               "gguf:PATH, hf:FOLDER_OR_ID)", aliases=("--llm",))), _table("E4SRec")),
     Stage("deploy", "judge a run's E4SRec and SASRec against the champion; register both",
           "Score the run's E4SRec, its SASRec and the champion on the same test users; the better of the run's two "
           "(alias challenger) becomes champion only if it beats the champion (unless --no-apply). Both are "
@@ -128,7 +129,7 @@ def _add_arguments(stage: Stage) -> Callable[[argparse.ArgumentParser], None]:
         from e4srec.settings import STAGES as CONFIGS
 
         for i in stage.inputs:
-            p.add_argument(i.flag, required=i.required, type=str, help=i.help)
+            p.add_argument(i.flag, *i.aliases, required=i.required, type=str, help=i.help)
         p.add_argument("--output", required=True, type=str, help=stage.output)
         if stage.name in CONFIGS:
             cfg.add_arguments(p, CONFIGS[stage.name])

@@ -151,19 +151,20 @@ def train(config: TrainE4SRecConfig, model: E4SRec, histories: np.ndarray, targe
     return log
 
 
-def check(config: TrainE4SRecConfig, data_dir: Path | str, sasrec_dir: Path | str, llm: Path | str,
+def check(config: TrainE4SRecConfig, data_dir: Path | str, sasrec_dir: Path | str, backbone: Path | str,
           output: Path | str, overwrite: bool = False) -> None:
     """Refuse, before any work, an output (or a checkpoint folder) that is not free or that overlaps the inputs."""
-    inputs = {"--data": data_dir, "--sasrec": sasrec_dir, "--llm": llm}
+    inputs = {"--data": data_dir, "--sasrec": sasrec_dir, "--backbone": backbone}
     preflight(output, overwrite, inputs)
     if config.checkpoint_every or config.resume:
         Checkpoints(checkpoint_root(config.checkpoint_dir, output), 0).check(inputs, output)
 
 
-def run(config: TrainE4SRecConfig, data_dir: Path | str, sasrec_dir: Path | str, llm: Path | str,
+def run(config: TrainE4SRecConfig, data_dir: Path | str, sasrec_dir: Path | str, backbone: Path | str,
         output: Path | str, *, overwrite: bool = False, tracker: Tracker | None = None,
         progress: bool = True) -> dict[str, float]:
-    """Train E4SRec on a prepare-data output with a pretrain-sasrec table and an LLM; write `output`."""
+    """Train E4SRec on a prepare-data output with a pretrain-sasrec table and a backbone (an instruction-tune
+    output or a backbone spec); write `output`."""
     tracker = tracker or Tracker(None)
     rank, world = distributed.init()
     if rank:
@@ -171,7 +172,7 @@ def run(config: TrainE4SRecConfig, data_dir: Path | str, sasrec_dir: Path | str,
     checkpoints = (Checkpoints(checkpoint_root(config.checkpoint_dir, output), rank)
                    if config.checkpoint_every or config.resume else None)
     if rank == 0:
-        check(config, data_dir, sasrec_dir, llm, output, overwrite)
+        check(config, data_dir, sasrec_dir, backbone, output, overwrite)
     data = c.load_sequence_data(fetch(data_dir))
     table = load_item_embeddings(fetch(sasrec_dir), data.item_map_sha256)
     if config.threads:
@@ -180,8 +181,8 @@ def run(config: TrainE4SRecConfig, data_dir: Path | str, sasrec_dir: Path | str,
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     torch.manual_seed(config.seed)
-    backbone, descriptor, instruct_adapter = load_llm(fetch(llm), device, config.dtype)
-    model = build_model(config, backbone, table, data.n_items, data.max_len).to(device)
+    decoder, descriptor, instruct_adapter = load_llm(fetch(backbone), device, config.dtype)
+    model = build_model(config, decoder, table, data.n_items, data.max_len).to(device)
     histories, targets = data.prefix_examples(config.max_targets_per_user)
     keep = seeded_subset(len(targets), config.max_examples, config.seed)
     if keep is not None:
@@ -235,7 +236,7 @@ def run(config: TrainE4SRecConfig, data_dir: Path | str, sasrec_dir: Path | str,
     return metrics
 
 
-def run_distributed(config: TrainE4SRecConfig, data_dir: Path | str, sasrec_dir: Path | str, llm: Path | str,
+def run_distributed(config: TrainE4SRecConfig, data_dir: Path | str, sasrec_dir: Path | str, backbone: Path | str,
                     output: Path | str, nproc: int, *, tracking: bool = True, experiment: str = "e4srec",
                     pipeline_run_id: str = "", pipeline_run_name: str = "") -> dict[str, float]:
     """Train with `nproc` data-parallel processes on this machine (a pod's GPUs) through torchrun.
@@ -243,7 +244,7 @@ def run_distributed(config: TrainE4SRecConfig, data_dir: Path | str, sasrec_dir:
     The processes run `e4srec train-e4srec` with the same settings; rank 0 tracks and writes `output`.
     """
     preflight(output, False)
-    cmd = ["e4srec.cli", "train-e4srec", "--data", str(data_dir), "--sasrec", str(sasrec_dir), "--llm", str(llm),
+    cmd = ["e4srec.cli", "train-e4srec", "--data", str(data_dir), "--sasrec", str(sasrec_dir), "--backbone", str(backbone),
            "--output", str(output), "--experiment", experiment]
     for name, value in cfg.to_dict(config).items():
         flag = "--" + name.replace("_", "-")

@@ -110,6 +110,18 @@ class Tracker:
             self._call("log_artifact", mlflow.log_artifact, str(path), artifact_path)
 
 
+def _beside_database(tracking_uri: str, experiment: str) -> str | None:
+    """Where a new experiment keeps its artifacts: `mlruns/<experiment>/` beside a SQLite database file
+    (MLflow's own default is `./mlruns/<id>` of whatever folder the process happens to run in, so runs
+    started from two folders would scatter); the server's choice for any other store."""
+    from urllib.parse import quote, urlparse
+
+    parsed = urlparse(tracking_uri)
+    if parsed.scheme != "sqlite" or not parsed.path.startswith("/") or parsed.path in ("/", "/:memory:"):
+        return None
+    return (Path(parsed.path[1:]).resolve().parent / "mlruns" / quote(experiment, safe="")).as_uri()
+
+
 def _experiment_id(client: Any, name: str) -> str:
     """The experiment's id, created when missing. Two stages may create it at the same moment (on a
     cluster prepare-data and instruction-tune start together): the name is unique in MLflow's store,
@@ -120,7 +132,7 @@ def _experiment_id(client: Any, name: str) -> str:
     if found is not None:
         return found.experiment_id
     try:
-        return client.create_experiment(name)
+        return client.create_experiment(name, artifact_location=_beside_database(client.tracking_uri, name))
     except MlflowException as e:
         if e.error_code != "RESOURCE_ALREADY_EXISTS":
             raise

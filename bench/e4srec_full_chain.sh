@@ -6,9 +6,10 @@
 #   bash bench/e4srec_full_chain.sh data/Toys_and_Games.txt .cache/work/toys bench/results/<date>-cpu/e4srec_toys_full.json
 #
 # Every finished step is skipped when the script is started again (after a stop or a session's end);
-# E4SRec continues from its last checkpoint (every 100 steps) in WORK/e4srec.checkpoints.
+# E4SRec continues from its last checkpoint (every 100 steps) in WORK/e4srec_<table>.checkpoints.
+# TABLE=ce makes E4SRec read the CE SASRec's item table instead of the BCE one (the default).
 set -euo pipefail
-RAW=$1 WORK=$2 JSON=$3
+RAW=$1 WORK=$2 JSON=$3 TABLE=${TABLE:-bce}
 cd "$(dirname "$0")/.."
 BIN=${BIN:-.venv/bin}
 export PYTHONUNBUFFERED=1
@@ -21,6 +22,6 @@ for loss in bce ce; do
     > "$WORK/sasrec_$loss.log" 2>&1 &
 done
 wait
-"$BIN/python" bench/e4srec_full.py --data "$WORK/data" --sasrec "$WORK/sasrec_bce" --sasrec-ce "$WORK/sasrec_ce" \
-  --output "$WORK/e4srec" --json "$JSON" --threads "${THREADS:-2}" --device cpu --checkpoint-every 100 \
+"$BIN/python" bench/e4srec_full.py --data "$WORK/data" --sasrec "$WORK/sasrec_$TABLE" \
+  --sasrec-bce "$WORK/sasrec_bce" --sasrec-ce "$WORK/sasrec_ce" --output "$WORK/e4srec_$TABLE" --json "$JSON" --threads "${THREADS:-2}" --device cpu --checkpoint-every 100 \
   --batch-size 64 --lr 1e-3 --head-init items --epochs 1 --resume

@@ -23,5 +23,6 @@ for loss in bce ce; do
 done
 wait
 "$BIN/python" bench/e4srec_full.py --data "$WORK/data" --sasrec "$WORK/sasrec_$TABLE" \
-  --sasrec-bce "$WORK/sasrec_bce" --sasrec-ce "$WORK/sasrec_ce" --output "$WORK/e4srec_$TABLE" --json "$JSON" --threads "${THREADS:-2}" --device cpu --checkpoint-every 100 \
+  --sasrec-bce "$WORK/sasrec_bce" --sasrec-ce "$WORK/sasrec_ce" --output "$WORK/e4srec_$TABLE" \
+  --json "$JSON" --threads "${THREADS:-2}" --device cpu --checkpoint-every 100 \
   --batch-size 64 --lr 1e-3 --head-init items --epochs 1 --resume

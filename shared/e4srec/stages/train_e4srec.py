@@ -244,8 +244,8 @@ def run_distributed(config: TrainE4SRecConfig, data_dir: Path | str, sasrec_dir:
     The processes run `e4srec train-e4srec` with the same settings; rank 0 tracks and writes `output`.
     """
     preflight(output, False)
-    cmd = ["e4srec.cli", "train-e4srec", "--data", str(data_dir), "--sasrec", str(sasrec_dir), "--backbone", str(backbone),
-           "--output", str(output), "--experiment", experiment]
+    cmd = ["e4srec.cli", "train-e4srec", "--data", str(data_dir), "--sasrec", str(sasrec_dir),
+           "--backbone", str(backbone), "--output", str(output), "--experiment", experiment]
     for name, value in cfg.to_dict(config).items():
         flag = "--" + name.replace("_", "-")
         if isinstance(value, bool):

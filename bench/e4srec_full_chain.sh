@@ -14,7 +14,9 @@
 #   TABLE=ce LOSSES=ce NAME=e4srec_ce_levers E4SREC_ARGS="--max-targets-per-user 5 --lora-r 64 --lora-alpha 64
 #     --target-modules q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj" bash bench/e4srec_full_chain.sh ...
 set -euo pipefail
-RAW=$1 WORK=$2 JSON=$3 TABLE=${TABLE:-bce} LOSSES=${LOSSES:-bce ce} NAME=${NAME:-e4srec_${TABLE:-bce}}
+RAW=$1 WORK=$2 JSON=$3 TABLE=${TABLE:-bce} LOSSES=${LOSSES:-bce ce}
+NAME=${NAME:-e4srec_$TABLE}
+[[ " $LOSSES " == *" $TABLE "* ]] || { echo "TABLE=$TABLE needs that SASRec: add $TABLE to LOSSES (now: $LOSSES)" >&2; exit 2; }
 read -r -a EXTRA <<< "${E4SREC_ARGS:-}"
 cd "$(dirname "$0")/.."
 BIN=${BIN:-.venv/bin}

@@ -21,31 +21,31 @@ COMMON=(--max-examples "${EXAMPLES:-20000}" --eval-users "${EVAL_USERS:-3000}" -
         --dtype "${DTYPE:-auto}" --threads "${THREADS:-2}" --device cpu --seed 42)
 
 ATTN_MLP=q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj
-declare -A VARIANTS=(
+# name=flags, in the order a run with no VARIANT names takes them
+VARIANT_LIST=(
   # the paper's recipe: batch 16, lr 3e-4, random head, LoRA on the MLP, the BCE table
-  [paper]="--sasrec $BCE --batch-size 16 --lr 3e-4 --head-init random"
-  [b64-lr1e-3]="--sasrec $BCE --batch-size 64 --lr 1e-3 --head-init random"
-  [b64-lr1e-3-items]="--sasrec $BCE --batch-size 64 --lr 1e-3 --head-init items"
-  [b64-lr3e-3-items]="--sasrec $BCE --batch-size 64 --lr 3e-3 --head-init items"
-  [b64-lr1e-3-items-ce]="--sasrec $CE --batch-size 64 --lr 1e-3 --head-init items"
-  [b64-lr1e-3-ce]="--sasrec $CE --batch-size 64 --lr 1e-3 --head-init random"
-  [b64-lr1e-3-items-attn]="--sasrec $BCE --batch-size 64 --lr 1e-3 --head-init items --target-modules $ATTN_MLP"
-  [b64-lr1e-3-items-last5]="--sasrec $BCE --batch-size 64 --lr 1e-3 --head-init items --max-targets-per-user 5"
+  "paper=--sasrec $BCE --batch-size 16 --lr 3e-4 --head-init random"
+  "b64-lr1e-3=--sasrec $BCE --batch-size 64 --lr 1e-3 --head-init random"
+  "b64-lr1e-3-items=--sasrec $BCE --batch-size 64 --lr 1e-3 --head-init items"
+  "b64-lr3e-3-items=--sasrec $BCE --batch-size 64 --lr 3e-3 --head-init items"
+  "b64-lr1e-3-items-ce=--sasrec $CE --batch-size 64 --lr 1e-3 --head-init items"
+  "b64-lr1e-3-ce=--sasrec $CE --batch-size 64 --lr 1e-3 --head-init random"
+  "b64-lr1e-3-items-attn=--sasrec $BCE --batch-size 64 --lr 1e-3 --head-init items --target-modules $ATTN_MLP"
+  "b64-lr1e-3-items-last5=--sasrec $BCE --batch-size 64 --lr 1e-3 --head-init items --max-targets-per-user 5"
   # the same levers on the CE table, the stronger SASRec E4SRec has to beat
-  [b64-lr1e-3-items-ce-attn]="--sasrec $CE --batch-size 64 --lr 1e-3 --head-init items --target-modules $ATTN_MLP"
-  [b64-lr2e-3-items-ce-attn]="--sasrec $CE --batch-size 64 --lr 2e-3 --head-init items --target-modules $ATTN_MLP"
-  [b64-lr1e-3-items-ce-r64]="--sasrec $CE --batch-size 64 --lr 1e-3 --head-init items --lora-r 64 --lora-alpha 64"
-  [b64-lr1e-3-items-ce-attn-r64]="--sasrec $CE --batch-size 64 --lr 1e-3 --head-init items --target-modules $ATTN_MLP --lora-r 64 --lora-alpha 64"
-  [b64-lr1e-3-items-ce-last5]="--sasrec $CE --batch-size 64 --lr 1e-3 --head-init items --max-targets-per-user 5"
-  [b32-lr1e-3-items-ce-attn]="--sasrec $CE --batch-size 32 --lr 1e-3 --head-init items --target-modules $ATTN_MLP"
+  "b64-lr1e-3-items-ce-attn=--sasrec $CE --batch-size 64 --lr 1e-3 --head-init items --target-modules $ATTN_MLP"
+  "b64-lr2e-3-items-ce-attn=--sasrec $CE --batch-size 64 --lr 2e-3 --head-init items --target-modules $ATTN_MLP"
+  "b64-lr1e-3-items-ce-r64=--sasrec $CE --batch-size 64 --lr 1e-3 --head-init items --lora-r 64 --lora-alpha 64"
+  "b64-lr1e-3-items-ce-attn-r64=--sasrec $CE --batch-size 64 --lr 1e-3 --head-init items --target-modules $ATTN_MLP --lora-r 64 --lora-alpha 64"
+  "b64-lr1e-3-items-ce-last5=--sasrec $CE --batch-size 64 --lr 1e-3 --head-init items --max-targets-per-user 5"
+  "b32-lr1e-3-items-ce-attn=--sasrec $CE --batch-size 32 --lr 1e-3 --head-init items --target-modules $ATTN_MLP"
 )
+declare -A VARIANTS=() && ORDER=()
+for v in "${VARIANT_LIST[@]}"; do VARIANTS[${v%%=*}]=${v#*=}; ORDER+=("${v%%=*}"); done
 names=("$@")
-[ ${#names[@]} -gt 0 ] || names=(paper b64-lr1e-3 b64-lr1e-3-items b64-lr3e-3-items b64-lr1e-3-items-ce b64-lr1e-3-ce
-                                 b64-lr1e-3-items-attn b64-lr1e-3-items-last5 b64-lr1e-3-items-ce-attn
-                                 b64-lr2e-3-items-ce-attn b64-lr1e-3-items-ce-r64 b64-lr1e-3-items-ce-attn-r64
-                                 b64-lr1e-3-items-ce-last5 b32-lr1e-3-items-ce-attn)
+[ ${#names[@]} -gt 0 ] || names=("${ORDER[@]}")
 for name in "${names[@]}"; do
-  [ -n "${VARIANTS[$name]:-}" ] || { echo "unknown variant $name (known: ${!VARIANTS[*]})" >&2; exit 2; }
+  [ -n "${VARIANTS[$name]:-}" ] || { echo "unknown variant $name (known: ${ORDER[*]})" >&2; exit 2; }
   [ -f "$OUT/$name.json" ] && { echo "skip $name (done)"; continue; }
   echo "== $name: ${VARIANTS[$name]}"
   # shellcheck disable=SC2086  # the variant's flags are meant to split

@@ -506,6 +506,8 @@ CASES: list[Case] = [
     ("train-warmup-1", train("--warmup-ratio", "1"), ["warmup_ratio=1.0"]),
     ("train-lora-dropout-2", train("--lora-dropout", "2"), ["lora_dropout=2.0"]),
     ("train-lora-r-0", train("--lora-r", "0"), ["lora_r=0"]),
+    ("train-autocast-fp32", train("--dtype", "fp32", "--autocast"), ["--autocast on CPU needs a bf16 backbone",
+                                                                     "--dtype bf16"]),
     ("train-target-modules-unknown", train("--target-modules", "q_proj_typo"), ["target_modules='q_proj_typo'"]),
     ("train-target-modules-empty", train("--target-modules", ","), ["target_modules"]),
     ("train-item-dim-mismatch", train("--item-dim", "32"), ["64-dimensional", "--item-dim"]),

@@ -53,6 +53,22 @@ def test_bf16_trains_and_evaluates(bf16_model: tuple[Path, dict]) -> None:
     assert {p.dtype for p in model.trainable_state().values()} == {torch.float32}  # LoRA, projection, head
 
 
+def test_cpu_autocast_trains_close_to_plain_bf16(bf16_model: tuple[Path, dict], prepared: Path, sasrec_dir: Path,
+                                                 tmp_path: Path) -> None:
+    """--autocast computes LoRA, projection and head in bf16 too: the same run's losses move a little, not much."""
+    config = stage.TrainE4SRecConfig(dtype="bf16", device="cpu", batch_size=32, lr=2e-3, max_examples=600,
+                                     eval_users=150, autocast=True)
+    metrics = stage.run(config, prepared, sasrec_dir, "tiny", tmp_path / "model", progress=False)
+    plain = [row["train/loss"] for row in json.loads((bf16_model[0] / "training_log.json").read_text())]
+    mixed = [row["train/loss"] for row in json.loads((tmp_path / "model" / "training_log.json").read_text())]
+    assert len(mixed) == len(plain) and mixed != plain  # autocast did change the arithmetic
+    assert np.allclose(mixed, plain, rtol=0.02), (mixed, plain)
+    assert metrics["train/loss_last"] < metrics["train/loss_first"]
+    assert all(np.isfinite(v) and 0 <= v <= 1 for k, v in metrics.items() if k.startswith(("valid/", "test/")))
+    model = e4srec_model.load_model(tmp_path / "model")
+    assert {p.dtype for p in model.trainable_state().values()} == {torch.float32}  # fp32 master weights
+
+
 def test_bf16_ranks_like_fp32_on_the_same_model(bf16_model: tuple[Path, dict], prepared: Path) -> None:
     out, _ = bf16_model
     data = c.load_sequence_data(prepared)
@@ -188,3 +204,6 @@ def test_resume_refuses_a_checkpoint_of_another_precision(prepared: Path, sasrec
     assert c.read_json(tmp_path / "ckpt" / "progress.json")["backbone_dtype"] == "torch.bfloat16"
     with pytest.raises(E4SRecError, match="trained with a torch.bfloat16 backbone.*resume with --dtype bf16"):
         train("fp32")
+    config.autocast = True  # same precision, other arithmetic: resuming would not match an unbroken run
+    with pytest.raises(E4SRecError, match="trained without autocast, this run with it; resume with --no-autocast"):
+        train("bf16")

@@ -28,6 +28,7 @@ def train_e4srec(
     target_modules: str = "gate_proj,up_proj,down_proj",
     head_init: str = "items",
     dtype: str = "auto",
+    autocast: bool = False,
     max_targets_per_user: int = 50,
     max_examples: int = 0,
     eval_users: int = 0,

@@ -80,7 +80,7 @@ def epoch_batches(lengths: np.ndarray, config: TrainE4SRecConfig, epoch: int) ->
 def train(config: TrainE4SRecConfig, model: E4SRec, histories: np.ndarray, targets: np.ndarray,
           device: torch.device, checkpoints: Checkpoints | None, tracker: Tracker, progress: bool,
           rank: int = 0, world: int = 1) -> list[dict[str, float]]:
-    """AdamW + warmup/cosine, accumulation, clipping, bf16 autocast on CUDA; resumable; data-parallel."""
+    """AdamW + warmup/cosine, accumulation, clipping, autocast (CUDA; CPU if asked); resumable; data-parallel."""
     lengths = (histories > 0).sum(1)
     micro = math.ceil(len(targets) / config.batch_size)
     total = config.epochs * math.ceil(micro / config.grad_accum)
@@ -88,9 +88,13 @@ def train(config: TrainE4SRecConfig, model: E4SRec, histories: np.ndarray, targe
                           warmup_ratio=config.warmup_ratio, total_steps=total, max_grad_norm=config.max_grad_norm)
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     dtype = backbone_dtype(model)
-    # On CUDA a half-precision backbone trains under autocast (LoRA, projection and head in it too);
-    # an fp32 backbone stays fp32 everywhere, as asked.
-    autocast = torch.autocast("cuda", dtype=dtype, enabled=device.type == "cuda" and dtype != torch.float32)
+    # On CUDA a half-precision backbone trains under autocast (LoRA, projection and head in it too); on
+    # CPU only when asked (--autocast, bf16 only); an fp32 backbone stays fp32 everywhere, as asked.
+    if config.autocast and device.type == "cpu" and dtype != torch.bfloat16:
+        raise E4SRecError(f"{STAGE}: --autocast on CPU needs a bf16 backbone, this one is "
+                          f"{DTYPE_NAMES[str(dtype)]}; pass --dtype bf16 (or drop --autocast)")
+    mixed = dtype != torch.float32 and (device.type == "cuda" or config.autocast)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=mixed)
     log: list[dict[str, float]] = []
     start_epoch, start_batch, step = 0, 0, 0
     if checkpoints is not None and config.resume and checkpoints.exists():
@@ -99,6 +103,11 @@ def train(config: TrainE4SRecConfig, model: E4SRec, histories: np.ndarray, targe
             raise E4SRecError(f"{checkpoints.root}: the checkpoint was trained with a {state['backbone_dtype']} "
                               f"backbone, this run loads it as {dtype}; resume with --dtype "
                               f"{DTYPE_NAMES[state['backbone_dtype']]} (or start afresh without --resume)")
+        if state.get("autocast", mixed) != mixed:
+            was, now, flag = ("with", "without", "--autocast") if state["autocast"] else ("without", "with",
+                                                                                        "--no-autocast")
+            raise E4SRecError(f"{checkpoints.root}: the checkpoint was trained {was} autocast, this run {now} it; "
+                              f"resume with {flag} (or start afresh without --resume)")
         start_epoch, start_batch, step, log = state["epoch"], state["batch"], state["step"], state["log"]
         optimizer.skip(step)
     bar = progress_bar(range(total), desc=STAGE, unit="step", disable=not progress or rank > 0, mininterval=5,
@@ -116,7 +125,8 @@ def train(config: TrainE4SRecConfig, model: E4SRec, histories: np.ndarray, targe
                 logits = net(hist, shared_prefix=config.shared_prefix)
             # Sum over this share / global batch, times world: DDP's gradient average then equals the
             # single-process mean over the global batch, whatever the split.
-            loss = torch.nn.functional.cross_entropy(logits, tgt, reduction="sum") * world / len(batches[b])
+            # fp32 softmax whatever autocast computed the logits in (bf16 keeps 8 bits of mantissa)
+            loss = torch.nn.functional.cross_entropy(logits.float(), tgt, reduction="sum") * world / len(batches[b])
             if world == 1 and not torch.isfinite(loss):  # under DDP the gradient check below stops every rank
                 raise NonFiniteLoss(float(loss.detach()), step + 1, epoch + 1, config.lr)
             (loss / config.grad_accum).backward()
@@ -145,7 +155,8 @@ def train(config: TrainE4SRecConfig, model: E4SRec, histories: np.ndarray, targe
             if checkpoints is not None and config.checkpoint_every and step % config.checkpoint_every == 0:
                 done = last
                 checkpoints.save(model, optimizer.adamw, {"epoch": epoch + done, "batch": 0 if done else b + 1,
-                                                    "step": step, "log": log, "backbone_dtype": str(dtype)})
+                                                    "step": step, "log": log, "backbone_dtype": str(dtype),
+                                                    "autocast": mixed})
     bar.close()
     model.eval()
     return log

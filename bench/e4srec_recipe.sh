@@ -16,7 +16,8 @@ shift 4
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 
-# Shared by every variant: the subset, the evaluation users, the backbone and the machine settings.
+# Shared by every variant (a variant's own flags come after, so they win): the subset, the evaluation
+# users, the backbone and the machine settings.
 COMMON=(--max-examples "${EXAMPLES:-20000}" --eval-users "${EVAL_USERS:-3000}" --eval-batch-size 64
         --dtype "${DTYPE:-auto}" --threads "${THREADS:-2}" --device cpu --seed 42)
 
@@ -51,7 +52,7 @@ for name in "${names[@]}"; do
   [ -f "$OUT/$name.json" ] && { echo "skip $name (done)"; continue; }
   echo "== $name: ${VARIANTS[$name]}"
   # shellcheck disable=SC2086  # the variant's flags are meant to split
-  $PY bench/e4srec_quality.py --data "$DATA" ${VARIANTS[$name]} "${COMMON[@]}" --json "$OUT/$name.json.tmp" \
+  $PY bench/e4srec_quality.py --data "$DATA" "${COMMON[@]}" ${VARIANTS[$name]} --json "$OUT/$name.json.tmp" \
     > "$OUT/$name.log" 2>&1
   mv "$OUT/$name.json.tmp" "$OUT/$name.json"
   $PY - "$OUT/$name.json" <<'EOF'

@@ -1,10 +1,11 @@
-"""What every benchmark here prints: the command, the machine, and the result as one JSON object."""
+"""What every benchmark here prints: the command, the commit, the machine, and the result as one JSON object."""
 
 from __future__ import annotations
 
 import json
 import os
 import platform
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -27,8 +28,21 @@ def command() -> str:
     return " ".join([Path(sys.executable).name, *sys.argv])
 
 
+def commit() -> str:
+    """The checkout's commit (with -dirty when the tree has changes)."""
+    try:
+        return subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=40"], capture_output=True,
+                              text=True, cwd=Path(__file__).parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
 def emit(result: dict[str, Any], path: Path | None) -> None:
-    """Print the result as JSON, and write it to `path` when given."""
+    """Print the result as JSON (with the commit after the command when it has none), and write it to `path`."""
+    if "commit" not in result:
+        items = list(result.items())
+        at = next((i + 1 for i, (k, _) in enumerate(items) if k == "command"), 0)
+        result = dict(items[:at] + [("commit", commit())] + items[at:])
     text = json.dumps(result, indent=2)
     print(text)
     if path:

@@ -20,11 +20,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import time
 from pathlib import Path
 
-from benchlib import command, emit, machine
+from benchlib import command, commit, emit, machine
 from e4srec import checkpoints, published
 from e4srec import config as cfg
 from e4srec import contracts as c
@@ -44,15 +43,6 @@ def lengths(folder: Path) -> dict[str, dict[str, float]]:
     groups = c.read_json(folder / "metrics_by_length.json")["test"]["full"]
     return {g: {"users": v["users"], "HR@10": round(v["HR@10"], 4), "NDCG@10": round(v["NDCG@10"], 4)}
             for g, v in groups.items()}
-
-
-def commit() -> str:
-    """The checkout's commit (with -dirty when the tree has changes)."""
-    try:
-        return subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=40"], capture_output=True,
-                              text=True, cwd=Path(__file__).parent, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:

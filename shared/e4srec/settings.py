@@ -177,8 +177,9 @@ class TrainE4SRecConfig(PromptOptions):
                                     "fp32): auto (bf16 on CUDA and on CPUs with bf16 units, else fp32), fp32, bf16, "
                                     "fp16", choices=("auto", "fp32", "bf16", "fp16"))
     autocast: bool = cfg.option(False, "CPU: train a bf16 backbone under torch.autocast, so LoRA, projection "
-                                       "and head compute in bf16 too (fp32 master weights); faster on AMX CPUs, "
-                                       "quality not yet compared. On CUDA a bf16/fp16 backbone always trains so")
+                                       "and head compute in bf16 too (fp32 master weights); on AMX CPUs a little "
+                                       "faster, a little worse (bench/README.md). On CUDA a bf16/fp16 backbone "
+                                       "always trains so")
     max_targets_per_user: int = cfg.option(50, "training targets per user (the last ones)")
     max_examples: int = cfg.option(0, "train on this many examples, drawn with the seed (0: all); CPU demos")
     eval_users: int = cfg.option(0, "evaluate on this many users, drawn with the seed (0: all); CPU demos")

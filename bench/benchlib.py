@@ -38,11 +38,8 @@ def commit() -> str:
 
 
 def emit(result: dict[str, Any], path: Path | None) -> None:
-    """Print the result as JSON (with the commit after the command when it has none), and write it to `path`."""
-    if "commit" not in result:
-        items = list(result.items())
-        at = next((i + 1 for i, (k, _) in enumerate(items) if k == "command"), 0)
-        result = dict(items[:at] + [("commit", commit())] + items[at:])
+    """Print the result as JSON (with the commit first when it has none), and write it to `path` when given."""
+    result = result if "commit" in result else {"commit": commit(), **result}
     text = json.dumps(result, indent=2)
     print(text)
     if path:

@@ -3,7 +3,8 @@
     python bench/e4srec_cpu_ddp.py --data <prepared Beauty> --sasrec <pretrain-sasrec output> \\
         --layouts 1x2 2x1 --max-examples 1280 --json bench/results/<date>-cpu/e4srec_cpu_ddp.json
 
-A layout PxT runs `e4srec train-e4srec` in P processes (torchrun, gloo) of T torch threads each, on
+A layout PxT runs train-e4srec through its own `run_distributed` (torchrun, gloo; one process for
+P=1 too, so both layouts start alike) in P processes of T torch threads each, on
 the same seeded examples and global batch, so each layout takes the same optimizer steps. Reported
 per layout: training examples per second (train-e4srec's own `train/examples_per_second`, the
 training loop only), the training loss first and last, and wall time including start-up. Evaluation
@@ -13,16 +14,13 @@ is cut to a few users; it is not what this measures.
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 from benchlib import command, emit, machine
-from e4srec import contracts as c
-from e4srec.distributed import torchrun
+from e4srec.stages import train_e4srec as stage
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,21 +40,13 @@ def main(argv: list[str] | None = None) -> int:
             procs, threads = (int(x) for x in layout.split("x"))
         except ValueError:
             parser.error(f"layout {layout!r}: expected PROCESSESxTHREADS, e.g. 2x1")
+        config = stage.TrainE4SRecConfig(dtype=args.dtype, device="cpu", threads=threads, batch_size=args.batch_size,
+                                         max_examples=args.max_examples, eval_users=16)
         with tempfile.TemporaryDirectory() as tmp:
-            out = Path(tmp) / "model"
-            stage = ["e4srec.cli", "train-e4srec", "--data", str(args.data), "--sasrec", str(args.sasrec),
-                     "--backbone", args.backbone, "--dtype", args.dtype, "--device", "cpu", "--threads", str(threads),
-                     "--max-examples", str(args.max_examples), "--batch-size", str(args.batch_size),
-                     "--eval-users", "16", "--no-tracking", "--output", str(out)]
             t0 = time.perf_counter()
-            if procs == 1:
-                status = subprocess.run([sys.executable, "-m", *stage]).returncode
-            else:
-                status = torchrun(procs, stage, dict(os.environ))
+            m = stage.run_distributed(config, args.data, args.sasrec, args.backbone, Path(tmp) / "model", procs,
+                                      tracking=False)
             wall = time.perf_counter() - t0
-            if status != 0:
-                raise SystemExit(f"layout {layout}: train-e4srec exited {status}; see its output above")
-            m = c.read_json(out / c.METRICS)
         rows.append({"layout": layout, "processes": procs, "threads": threads,
                      "examples_per_second": round(m["train/examples_per_second"], 2),
                      "train_seconds": round(m["train/seconds"], 1), "loss_first": round(m["train/loss_first"], 4),

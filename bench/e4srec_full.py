@@ -30,6 +30,7 @@ from e4srec import contracts as c
 from e4srec.stages import train_e4srec as stage
 
 KEYS = ("HR@10", "NDCG@10", "HR@20", "NDCG@20", "MRR")
+SASREC_TRAINING = ("epochs", "best_epoch", "seconds", "seconds_per_epoch")  # pretrain-sasrec's train/* metrics
 
 
 def table(metrics: dict[str, float]) -> dict[str, float]:
@@ -82,10 +83,15 @@ def main(argv: list[str] | None = None) -> int:
     by_length = {"E4SRec (ours)": lengths(args.output)}
     sasrec_meta = c.read_json(args.sasrec / "config.json")
     bce = args.sasrec_bce or (args.sasrec if sasrec_meta["train"]["loss"] == "bce" else None)
+    sasrecs = {}
     for name, folder in (("SASRec BCE (ours)", bce), ("SASRec CE (ours)", args.sasrec_ce)):
         if folder is not None:
-            rows[name] = table(c.read_json(folder / c.METRICS))
+            sasrec_metrics = c.read_json(folder / c.METRICS)
+            rows[name] = table(sasrec_metrics)
             by_length[name] = lengths(folder)
+            trained = c.read_json(folder / "config.json")["train"]
+            sasrecs[name] = {"source": str(folder), "loss": trained["loss"], "threads": trained["threads"],
+                             **{k: round(sasrec_metrics[f"train/{k}"], 1) for k in SASREC_TRAINING}}
     wall = sum((s["end"] or s["start"]) - s["start"] for s in sessions)
     log = json.loads((args.output / "training_log.json").read_text())
     result = {
@@ -97,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         "wall_seconds": round(wall),
         "config": cfg.to_dict(config),
         "sasrec_table": {"source": str(args.sasrec), "loss": sasrec_meta["train"]["loss"]},
+        "sasrec_training": sasrecs,
         "examples": metrics["train/examples"],
         "epochs": config.epochs,
         "optimizer_steps": metrics["train/steps"],

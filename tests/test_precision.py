@@ -17,7 +17,7 @@ from e4srec import contracts as c
 from e4srec import e4srec as e4srec_model
 from e4srec import sasrec as sasrec_model
 from e4srec.backbones import attention_for, resolve_dtype
-from e4srec.device import cpu_flags, cpu_has_bf16_units
+from e4srec.device import cpu_flags, cpu_has_bf16_units, cpu_model
 from e4srec.evaluate import evaluate, full_ranks, metrics_from_ranks, rank_last_if_not_finite, sampled_ranks
 from e4srec.extend import extend_items
 from e4srec.recommend import Recommender
@@ -113,6 +113,17 @@ def test_bf16_recommend_batch_recommend_and_extend(bf16_model: tuple[Path, dict]
     assert next(extended.model.module.llm.get_base_model().parameters()).dtype == torch.bfloat16
     (again,) = extended.recommend([history], 5)
     assert len(again.items) == 5 and all(np.isfinite(again.scores))
+
+
+def test_cpu_model_names_the_generation(tmp_path: Path) -> None:
+    # a VM's "AMD EPYC" alone does not tell Zen 4 from Zen 5: the family and model numbers do
+    info = tmp_path / "cpuinfo"
+    block = "processor\t: {}\nvendor_id\t: AuthenticAMD\ncpu family\t: {}\nmodel\t\t: 2\nmodel name\t: AMD EPYC\n"
+    info.write_text(block.format(0, 26) + "\n" + block.format(1, 99) + "\n")
+    assert cpu_model(info) == "AMD EPYC (cpu family 26, model 2)"
+    info.write_text("processor\t: 0\nmodel name\t: Some CPU\n")
+    assert cpu_model(info) == "Some CPU"
+    assert cpu_model(tmp_path / "missing") != ""  # no /proc: what platform knows
 
 
 def test_auto_precision_follows_the_cpu() -> None:

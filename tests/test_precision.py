@@ -4,6 +4,7 @@ broken numbers (NaN or infinite scores, a diverging loss) never pass as results.
 from __future__ import annotations
 
 import json
+import platform
 from collections.abc import Callable
 from pathlib import Path
 
@@ -118,12 +119,15 @@ def test_bf16_recommend_batch_recommend_and_extend(bf16_model: tuple[Path, dict]
 def test_cpu_model_names_the_generation(tmp_path: Path) -> None:
     # a VM's "AMD EPYC" alone does not tell Zen 4 from Zen 5: the family and model numbers do
     info = tmp_path / "cpuinfo"
-    block = "processor\t: {}\nvendor_id\t: AuthenticAMD\ncpu family\t: {}\nmodel\t\t: 2\nmodel name\t: AMD EPYC\n"
-    info.write_text(block.format(0, 26) + "\n" + block.format(1, 99) + "\n")
+    block = ("processor\t: {}\nvendor_id\t: AuthenticAMD\ncpu family\t: {}\nmodel\t\t: 2\nmodel name\t: AMD EPYC\n"
+             "flags\t\t: fpu avx2 {}\n")
+    info.write_text(block.format(0, 26, "avx512f avx512_bf16") + "\n" + block.format(1, 99, "amx_tile") + "\n")
     assert cpu_model(info) == "AMD EPYC (cpu family 26, model 2)"
+    assert cpu_flags(info) == ["avx2", "avx512f", "avx512_bf16"]  # the first block's, in CPU_FLAGS order
     info.write_text("processor\t: 0\nmodel name\t: Some CPU\n")
-    assert cpu_model(info) == "Some CPU"
-    assert cpu_model(tmp_path / "missing") != ""  # no /proc: what platform knows
+    assert cpu_model(info) == "Some CPU" and cpu_flags(info) == []
+    missing = tmp_path / "missing"  # no /proc: what platform knows, and no flags
+    assert cpu_model(missing) == (platform.processor() or platform.machine()) and cpu_flags(missing) == []
 
 
 def test_auto_precision_follows_the_cpu() -> None:

@@ -25,37 +25,40 @@ def resolve_device(name: str) -> torch.device:
         raise E4SRecError(f"device={name!r}: expected cpu, cuda, cuda:N or auto") from None
 
 
-def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+CPUINFO = Path("/proc/cpuinfo")
+
+
+def _first_cpu(cpuinfo: Path) -> dict[str, str]:
+    """The first processor's block of /proc/cpuinfo as {key: value}; empty where the file is missing."""
+    fields: dict[str, str] = {}
+    try:
+        for line in cpuinfo.read_text().splitlines():
+            key, _, value = line.partition(":")
+            if not key.strip():  # the block ends at its blank line
+                break
+            fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    return fields
+
+
+def cpu_model(cpuinfo: Path = CPUINFO) -> str:
     """The CPU model name from /proc/cpuinfo with its family and model numbers, else what `platform` knows.
 
     Virtual machines often show only "AMD EPYC" or "Intel(R) Xeon(R) Processor"; the numbers tell the
     generation apart (AMD family 25 is Zen 3/4, family 26 is Zen 5), and the speed of bf16 with it.
     """
-    try:
-        fields = {}
-        for line in cpuinfo.read_text().splitlines():
-            key, _, value = line.partition(":")
-            if not key.strip():  # the first processor's block ends at its blank line
-                break
-            fields.setdefault(key.strip(), value.strip())
-        if "model name" in fields:
-            numbers = [f"{k} {fields[k]}" for k in ("cpu family", "model") if k in fields]
-            return fields["model name"] + (f" ({', '.join(numbers)})" if numbers else "")
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    fields = _first_cpu(cpuinfo)
+    if "model name" not in fields:
+        return platform.processor() or platform.machine()
+    numbers = [f"{k} {fields[k]}" for k in ("cpu family", "model") if k in fields]
+    return fields["model name"] + (f" ({', '.join(numbers)})" if numbers else "")
 
 
-def cpu_flags() -> list[str]:
+def cpu_flags(cpuinfo: Path = CPUINFO) -> list[str]:
     """Which of CPU_FLAGS this CPU reports (empty where /proc/cpuinfo is missing)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                have = set(line.split(":", 1)[1].split())
-                return [f for f in CPU_FLAGS if f in have]
-    except OSError:
-        pass
-    return []
+    have = set(_first_cpu(cpuinfo).get("flags", "").split())
+    return [f for f in CPU_FLAGS if f in have]
 
 
 def cpu_has_bf16_units() -> bool:

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 from e4srec import contracts as c
-from e4srec.evaluate import evaluate, full_ranks, metrics_from_ranks, sampled_ranks
+from e4srec import evaluate as ev
+from e4srec.evaluate import cpu_batch_size, evaluate, full_ranks, metrics_from_ranks, sampled_ranks
 
 INF = float("-inf")
 
@@ -79,3 +80,27 @@ def test_evaluate_oracle_and_constant_scorers(prepared: Path) -> None:
     assert all(g["HR@1"] == 1.0 for g in groups["full"].values() if g["users"])
     assert set(m) == {f"test/{p}/{k}" for p in ("full", "sampled") for k in
                       ("HR@1", "HR@5", "HR@10", "HR@20", "NDCG@5", "NDCG@10", "NDCG@20", "MRR")}
+
+
+def test_cpu_batches_keep_scores_under_the_mmap_threshold_and_rank_the_same(prepared: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    assert cpu_batch_size(1024, 12101, "cpu") == 346  # Beauty: 346 x 12,102 fp32 scores < 16 MiB
+    assert cpu_batch_size(1024, 12101, "cuda") == 1024  # GPU memory is not glibc's: batches stay
+    assert cpu_batch_size(64, 12101, "cpu") == 64 and cpu_batch_size(8, 10**8, "cpu") == 1
+    data = c.load_sequence_data(prepared)
+    item_score = torch.randn(data.n_items + 1, generator=torch.Generator().manual_seed(0))
+    rows = []
+
+    def scorer(hist: torch.Tensor) -> torch.Tensor:  # depends on the history, so batches must line up
+        rows.append(hist.shape[0])
+        return item_score + 0.1 * (hist.sum(1, keepdim=True) % 7).float() * item_score.roll(1)
+
+    monkeypatch.setattr(ev, "CPU_SCORE_BYTES", 2**40)  # no cut: one batch of everyone
+    whole = evaluate(scorer, data, "test", batch_size=data.n_users, progress=False)
+    assert rows == [data.n_users]
+    monkeypatch.setattr(ev, "CPU_SCORE_BYTES", 4 * (data.n_items + 1) * 10)  # room for 10 users
+    rows.clear()
+    cut = evaluate(scorer, data, "test", batch_size=data.n_users, progress=False)
+    assert max(rows) == 10 and sum(rows) == data.n_users
+    for protocol in ("full", "sampled"):
+        assert (cut.ranks[protocol] == whole.ranks[protocol]).all()

@@ -22,6 +22,19 @@ DEFAULT_LENGTH_EDGES = (1, 5, 10, 20, 50)
 
 Scorer = Callable[[torch.Tensor], torch.Tensor]
 
+# On CPU, glibc serves every allocation above 32 MiB with a fresh mmap and unmaps it on free, so a
+# score matrix that size is faulted in again page by page on every batch: at 1,024 Beauty users (50 MB)
+# that took a third of a 2-core VM's time in the kernel. Batches on CPU are cut to keep each (B, N+1)
+# fp32 matrix under this many bytes; ranks do not depend on the batch.
+CPU_SCORE_BYTES = 16 * 2**20
+
+
+def cpu_batch_size(batch_size: int, n_items: int, device: torch.device | str) -> int:
+    """`batch_size`, cut on CPU to the users whose fp32 scores over n_items + 1 fit CPU_SCORE_BYTES."""
+    if torch.device(device).type != "cpu":
+        return batch_size
+    return max(1, min(batch_size, CPU_SCORE_BYTES // (4 * (n_items + 1))))
+
 
 def metrics_from_ranks(ranks: np.ndarray) -> dict[str, float]:
     """HR@k, NDCG@k and MRR from 0-based target ranks (one target per user, so IDCG = 1)."""
@@ -124,8 +137,10 @@ def evaluate(
 
     `score_all_items` gets a left-padded (B, L) LongTensor of item indices on `device` and returns
     (B, N+1) scores. Users are scored in order of history length and batches are trimmed to their
-    longest history, so short histories cost short forwards; ranks come back in user order.
+    longest history, so short histories cost short forwards; ranks come back in user order. On CPU
+    a batch holds at most as many users as `cpu_batch_size` allows.
     """
+    batch_size = cpu_batch_size(batch_size, data.n_items, device)
     histories, targets = data.split(split)
     users = np.arange(data.n_users) if users is None else np.asarray(users)
     histories, targets, negatives = histories[users], targets[users], data.negatives[users]

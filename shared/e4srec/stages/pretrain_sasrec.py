@@ -27,7 +27,7 @@ import torch
 from e4srec import config as cfg
 from e4srec import contracts as c
 from e4srec import sasrec
-from e4srec.device import resolve_device
+from e4srec.device import resolve_device, reuse_freed_memory
 from e4srec.errors import E4SRecError
 from e4srec.evaluate import evaluate
 from e4srec.outputs import preflight, staged_output
@@ -155,7 +155,8 @@ def run(config: PretrainSasrecConfig, data_dir: Path | str, output: Path | str, 
         tracker.log_params(cfg.to_dict(config))
         tracker.log_params({"item_map_sha256": data.item_map_sha256, "max_len": data.max_len})
         t0 = time.perf_counter()
-        model, log, best_epoch = train(config, data, tracker, progress)
+        with reuse_freed_memory(resolve_device(config.device).type == "cpu"):  # CE epochs 1.7x faster on a 2-core VM
+            model, log, best_epoch = train(config, data, tracker, progress)
         device = next(model.parameters()).device
         results = [evaluate(model.score_all_items, data, split, batch_size=config.eval_batch_size, device=device,
                             progress=progress) for split in c.SPLITS]

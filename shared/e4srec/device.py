@@ -102,9 +102,10 @@ def reuse_freed_memory(enabled: bool = True) -> Iterator[bool]:
     glibc serves every allocation above 32 MiB with its own mmap and unmaps it when freed, so a CPU
     training step that builds one (SASRec's cross-entropy logits over all items: up to 90 MB) faults it
     in again, page by page, on every step; on a 2-core VM a third of the CPU time went to the kernel.
-    Inside the block no allocation gets an mmap of its own and the heap is never trimmed; on leaving, glibc's defaults come back (fixed, not
-    adaptive) and the unused memory is returned. Yields whether it changed anything: not off glibc,
-    not when disabled, and not where the user chose (a MALLOC_*_ variable, GLIBC_TUNABLES, LD_PRELOAD).
+    Inside the block no allocation gets an mmap of its own and the heap is never trimmed; on leaving,
+    glibc's defaults come back (fixed, not adaptive) and the unused memory is returned. Yields whether
+    it changed anything: not off glibc, not when disabled, and not where the user chose (a MALLOC_*_
+    variable, GLIBC_TUNABLES, LD_PRELOAD).
     """
     libc = _glibc() if enabled else None
     if libc is None or not (libc.mallopt(_M_MMAP_MAX, 0) and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)):

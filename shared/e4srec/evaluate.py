@@ -23,9 +23,9 @@ DEFAULT_LENGTH_EDGES = (1, 5, 10, 20, 50)
 Scorer = Callable[[torch.Tensor], torch.Tensor]
 
 # On CPU, glibc serves every allocation above 32 MiB with a fresh mmap and unmaps it on free, so a
-# score matrix that size is faulted in again page by page on every batch: at 1,024 Beauty users (50 MB)
-# that put a quarter of a 2-core VM's CPU time in the kernel. Batches on CPU are cut to keep each (B, N+1)
-# fp32 matrix under this many bytes; ranks do not depend on the batch.
+# score matrix that size is faulted in again page by page on every batch: at 1,024 Beauty users
+# (50 MB) that put a quarter of a 2-core VM's CPU time in the kernel. Batches on CPU are cut to keep
+# each (B, N+1) fp32 matrix under this many bytes; ranks do not depend on the batch.
 CPU_SCORE_BYTES = 16 * 2**20
 
 

@@ -36,7 +36,8 @@ print(json.dumps(out))
 
 
 def probe(**env: str) -> dict:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "LD_PRELOAD"}
+    theirs = ("LD_PRELOAD", "GLIBC_TUNABLES")
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k not in theirs}
     result = subprocess.run([sys.executable, "-c", PROBE], env=clean | env, capture_output=True, text=True,
                             check=True, timeout=120)
     return json.loads(result.stdout)

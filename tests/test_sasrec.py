@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +68,19 @@ def test_loss_falls_on_a_learnable_pattern(loss: str, arch: str) -> None:
     assert losses[-1] < 0.5 * losses[0]
     top = m.eval().score_all_items(torch.tensor([[3, 4, 5, 6]])).argmax(1)
     assert top.item() == 7
+
+
+def test_cpu_training_runs_inside_reuse_freed_memory(prepared: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = []
+
+    @contextlib.contextmanager
+    def record(enabled: bool = True) -> Iterator[bool]:
+        seen.append(enabled)
+        yield enabled
+
+    monkeypatch.setattr(stage, "reuse_freed_memory", record)
+    stage.train(stage.PretrainSasrecConfig(epochs=1, device="cpu"), c.load_sequence_data(prepared), progress=False)
+    assert seen == [True]
 
 
 def test_bce_negatives_are_never_items_of_the_users_sequence(prepared: Path) -> None:

@@ -108,12 +108,13 @@ def reuse_freed_memory(enabled: bool = True) -> Iterator[bool]:
     variable, GLIBC_TUNABLES, LD_PRELOAD).
     """
     libc = _glibc() if enabled else None
-    if libc is None or not (libc.mallopt(_M_MMAP_MAX, 0) and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)):
+    if libc is None:
         yield False
         return
+    changed = bool(libc.mallopt(_M_MMAP_MAX, 0)) & bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
     try:
-        yield True
-    finally:
+        yield changed
+    finally:  # also after a half-applied change
         libc.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
         libc.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD)
         libc.malloc_trim(0)
